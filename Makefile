@@ -1,0 +1,35 @@
+# caffe2metal: `make convert [MODEL=deploy.prototxt WEIGHTS=x.caffemodel OUT=dir]`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test convert proto bench fuzz clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Without MODEL: build the built-in MobileNet-SSD-style example and convert it.
+convert: $(STAMP)
+ifdef MODEL
+	$(BIN)/caffe2metal convert $(MODEL) $(WEIGHTS) $(if $(OUT),-o $(OUT))
+else
+	$(BIN)/caffe2metal example build/example
+	$(BIN)/caffe2metal convert build/example/mobilenet_ssd_example.prototxt $(if $(OUT),-o $(OUT))
+endif
+
+# Regenerate proto/caffe_pb2.py with the pinned protoc (grpcio-tools).
+proto: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,proto]'
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto proto/caffe.proto
+
+clean:
+	rm -rf $(VENV) build out .pytest_cache

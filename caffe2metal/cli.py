@@ -1,0 +1,51 @@
+"""Command line: ``caffe2metal {inspect,convert,verify,compare,example}``.
+
+Exit status: 0 success, 1 verification above tolerance, 2 bad input (one
+clear line on stderr, no traceback), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import Caffe2MetalError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="caffe2metal", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list layers, shapes, blobs and the BatchNorm fold plan")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel", nargs="?")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return ap
+
+
+def _inspect(args) -> int:
+    from .describe import as_json, describe, render
+    from .reader import read_model
+    info = describe(read_model(args.prototxt, args.caffemodel))
+    print(as_json(info) if args.json else render(info))
+    return 0
+
+
+_COMMANDS = {"inspect": _inspect}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except Caffe2MetalError as e:
+        print(f"caffe2metal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("caffe2metal: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`caffe2metal convert`: read -> fold -> write merged Caffe model (+ Metal) -> manifest.
+
+The pipeline, in order:
+1. ``reader.read_model``      prototxt + caffemodel -> Graph (TEST phase), blobs checked
+2. ``fold.plan``              which BatchNorm/Scale chains fold into which producer, and why not
+3. ``fold.apply``             the folded Graph (float64 arithmetic, float32 blobs)
+4. ``write_caffe``            merged prototxt (edits of the user's text) + merged caffemodel
+5. ``metal`` (optional)       .dat weights in MPS layout + manifest layer entries
+6. ``manifest.json``          the contract for everything written
+Everything is written to a sibling of OUT that replaces OUT only on success.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fold
+from .errors import ModelFormatError
+from .output import atomic_directory
+from .reader import Model, read_model
+from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
+
+FORMAT, VERSION = "caffe2metal", 1
+
+
+@dataclass
+class Result:
+    out: Path
+    manifest: dict
+    model: Model
+    plan: fold.Plan
+
+
+def default_weights(prototxt: str | os.PathLike) -> Path:
+    p = Path(prototxt)
+    candidate = p.with_suffix(".caffemodel")
+    if not candidate.exists():
+        raise ModelFormatError(f"no weights given and {candidate} does not exist: pass the "
+                               ".caffemodel as the second argument", file=p)
+    return candidate
+
+
+def default_out(prototxt: str | os.PathLike) -> Path:
+    return Path("out") / Path(prototxt).stem
+
+
+def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: str = "float32",
+            naming: str = "apple") -> Result:
+    caffemodel = caffemodel or default_weights(prototxt)
+    out = Path(out) if out else default_out(prototxt)
+    model = read_model(prototxt, caffemodel)
+    graph = model.graph
+    the_plan = fold.plan(graph)
+    merged = fold.apply(graph, the_plan)
+    stem = Path(prototxt).stem
+    names = {"prototxt": f"{stem}_merged.prototxt", "caffemodel": f"{stem}_merged.caffemodel"}
+    text = merged_prototxt(model, merged, the_plan)
+    blob = graph.blob_names.get
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "source": {"prototxt": str(prototxt), "caffemodel": str(caffemodel)},
+        "inputs": [{"name": blob(b, b), "shape": list(s)} for b, s in graph.inputs.items()]
+                  + [{"name": blob(t, t), "shape": list(model.shapes.blobs[t] or [])}
+                     for l in graph.layers if l.type == "Input" for t in l.tops],
+        "merged": names,
+        "folds": [{"producer": f.producer, "layers": f.layers, "top": blob(f.top, f.top),
+                   "eps": f.eps, "scale_factor": f.scale_factor} for f in the_plan.folds],
+        "kept": [{"layers": k.layers, "reason": k.reason} for k in the_plan.kept],
+        "layers": [],
+    }
+    with atomic_directory(out) as tmp:
+        write_prototxt(tmp / names["prototxt"], text)
+        write_merged_caffemodel(tmp / names["caffemodel"], merged)
+        if metal:
+            from .metal import export
+            manifest.update(export(model, merged, the_plan, tmp, dtype=dtype, naming=naming))
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+    return Result(out=out, manifest=manifest, model=model, plan=the_plan)
+
+
+def report(result: Result) -> str:
+    m, lines = result.manifest, []
+    lines.append(f"{result.model.prototxt}: {len(m['folds'])} BatchNorm/Scale chain(s) folded, "
+                 f"{len(m['kept'])} kept")
+    for f in m["folds"]:
+        lines.append(f"  folded  {' + '.join(f['layers'])} -> {f['producer']}")
+    for k in m["kept"]:
+        lines.append(f"  kept    {' + '.join(k['layers'])}: {k['reason']}")
+    lines.append(f"wrote {result.out}/: {m['merged']['prototxt']}, {m['merged']['caffemodel']}, "
+                 f"manifest.json" + (f", {len(m['layers'])} Metal layer(s) in metal/"
+                                     if m["layers"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""`caffe2metal inspect`: every layer, its shapes and blobs, and the fold plan."""
+from __future__ import annotations
+
+import json
+import math
+
+from . import fold
+from .reader import Model
+
+
+def _fmt(shape) -> str:
+    if shape is None:
+        return "?"
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
+def describe(model: Model) -> dict:
+    g, sh = model.graph, model.shapes
+    name = g.blob_names.get
+    layers = []
+    values = 0
+    for layer in g.layers:
+        if layer.blobs:
+            blob_shapes = [list(b.shape) for b in layer.blobs]
+        else:
+            blob_shapes = None if sh.params.get(layer.name) is None else \
+                [list(s) for s in sh.params[layer.name]]
+        values += sum(math.prod(s) for s in blob_shapes or [])
+        layers.append({
+            "name": layer.name, "type": layer.type,
+            "bottoms": [name(b, b) for b in layer.bottoms], "tops": [name(t, t) for t in layer.tops],
+            "output_shapes": [None if sh.blobs.get(t) is None else list(sh.blobs[t]) for t in layer.tops],
+            "param_shapes": blob_shapes,
+            **({"unknown_fields": layer.unknown_fields} if layer.unknown_fields else {}),
+        })
+    p = fold.plan(g)
+    return {
+        "prototxt": model.prototxt, "caffemodel": model.caffemodel, "name": g.name,
+        "format": "V1" if model.v1 else "modern",
+        "inputs": [{"name": name(b, b), "shape": list(s)} for b, s in g.inputs.items()],
+        "layers": layers,
+        "excluded_layers": model.excluded,
+        "outputs": [name(b, b) for b in g.outputs()],
+        "summary": {
+            "layers": len(layers), "parameter_values": values,
+            "size_mb": round(values * 4 / 1e6, 3),
+            "weights_loaded": model.caffemodel is not None,
+        },
+        "fold_plan": {
+            "folds": [{"producer": f.producer, "layers": f.layers} for f in p.folds],
+            "kept": [{"layers": k.layers, "reason": k.reason} for k in p.kept],
+        },
+        "unknown_fields": {"net": model.net_unknown_fields,
+                           **{l.name: l.unknown_fields for l in g.layers if l.unknown_fields}},
+    }
+
+
+def render(info: dict) -> str:
+    rows = [("#", "name", "type", "bottoms -> tops", "output", "params")]
+    for i, l in enumerate(info["layers"]):
+        params = "?" if l["param_shapes"] is None else ", ".join(_fmt(s) for s in l["param_shapes"])
+        flow = f"{', '.join(l['bottoms'])} -> {', '.join(l['tops'])}"
+        out = ", ".join(_fmt(s) for s in l["output_shapes"])
+        rows.append((str(i), l["name"], l["type"] + (" (!)" if "unknown_fields" in l else ""),
+                     flow, out, params))
+    widths = [min(max(len(r[c]) for r in rows), cap) for c, cap in enumerate((5, 28, 22, 44, 18, 99))]
+    lines = [f"net '{info['name']}' ({info['format']} format) from {info['prototxt']}"]
+    for inp in info["inputs"]:
+        lines.append(f"input {inp['name']}: {_fmt(inp['shape'])}")
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    s = info["summary"]
+    lines.append("")
+    src = "from the caffemodel" if s["weights_loaded"] else "implied by the prototxt"
+    lines.append(f"{s['layers']} layers, {s['parameter_values']:,} parameter values ({src}), "
+                 f"{s['size_mb']:.2f} MB as float32")
+    if info["excluded_layers"]:
+        lines.append(f"{len(info['excluded_layers'])} layer(s) excluded by TEST-phase rules: "
+                     + ", ".join(info["excluded_layers"]))
+    lines.append(f"outputs: {', '.join(info['outputs'])}")
+    unk = {k: v for k, v in info["unknown_fields"].items() if v}
+    if unk:
+        lines.append("fields not in our schema (kept verbatim in the merged prototxt; shapes after "
+                     "them are unknown):")
+        lines += [f"  {k}: {', '.join(v)}" for k, v in unk.items()]
+    fp = info["fold_plan"]
+    lines.append(f"fold plan: {len(fp['folds'])} chain(s) fold, {len(fp['kept'])} kept")
+    for f in fp["folds"]:
+        lines.append(f"  fold  {' + '.join(f['layers'])} -> {f['producer']}")
+    for k in fp["kept"]:
+        lines.append(f"  keep  {' + '.join(k['layers'])}: {k['reason']}")
+    return "\n".join(lines)
+
+
+def as_json(info: dict) -> str:
+    return json.dumps(info, indent=2)

@@ -1,0 +1,38 @@
+"""One exception family for everything a user can get wrong.
+
+Every message names where the problem is: the file, and when known the layer
+and the blob.  The command line prints ``str(err)`` and exits with status 2.
+"""
+
+
+class Caffe2MetalError(Exception):
+    """Base class of every error caffe2metal raises on bad input."""
+
+    def __init__(self, message, *, file=None, layer=None, blob=None):
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.layer = layer
+        self.blob = blob
+        super().__init__(self.__str__())
+
+    def __str__(self):
+        where = []
+        if self.file is not None:
+            where.append(self.file)
+        if self.layer is not None:
+            where.append(f"layer '{self.layer}'")
+        if self.blob is not None:
+            where.append(f"blob {self.blob}")
+        return (": ".join([", ".join(where), self.message]) if where else self.message)
+
+
+class ModelFormatError(Caffe2MetalError):
+    """A prototxt or caffemodel that cannot be read as what it claims to be."""
+
+
+class GraphError(Caffe2MetalError):
+    """A net whose structure is inconsistent (unknown bottom, wrong blob count, ...)."""
+
+
+class ExportError(Caffe2MetalError):
+    """Something that cannot be written as asked (name clash, unsupported layout, ...)."""

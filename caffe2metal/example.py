@@ -1,0 +1,223 @@
+"""The built-in example: a small MobileNet-SSD-style detector with weights.
+
+Same structure as chuanqi305's MobileNet-SSD (depthwise-separable backbone,
+Convolution -> BatchNorm -> Scale -> ReLU everywhere, six SSD heads with
+PriorBox/Permute/Flatten/Concat and DetectionOutput) at a quarter of the
+width, so it converts in a blink.  Realistic details a converter must get
+right: BatchNorm scale factors far from 1, statistics calibrated on real
+activations, eps 1e-3 on the extra layers, a few chains where BatchNorm
+writes a new top, and one convolution that keeps its own bias before its
+BatchNorm.  Deterministic: the same files every time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+STEM = "mobilenet_ssd_example"
+NUM_CLASSES = 5
+WIDTH = 0.25
+
+
+def _ch(c: int) -> int:
+    return max(8, int(c * WIDTH))
+
+
+class _Net:
+    def __init__(self):
+        self.parts = []
+
+    def add(self, text: str):
+        self.parts.append(text.strip("\n"))
+
+    def conv_bn(self, name, bottom, out, k, stride=1, group=1, eps=None, new_top=False,
+                conv_bias=False):
+        pad = (k - 1) // 2
+        extra = f"\n    group: {group}\n    engine: CAFFE" if group > 1 else ""
+        bias = "" if conv_bias else "\n    bias_term: false"
+        self.add(f"""
+layer {{
+  name: "{name}"
+  type: "Convolution"
+  bottom: "{bottom}"
+  top: "{name}"
+  param {{ lr_mult: 1 decay_mult: 1 }}
+  convolution_param {{
+    num_output: {out}{bias}
+    pad: {pad}
+    kernel_size: {k}
+    stride: {stride}{extra}
+    weight_filler {{ type: "msra" }}
+  }}
+}}""")
+        bn_top = f"{name}/bn" if new_top else name
+        bn_param = f"\n  batch_norm_param {{ eps: {eps} }}" if eps is not None else ""
+        self.add(f"""
+layer {{
+  name: "{name}/bn"
+  type: "BatchNorm"
+  bottom: "{name}"
+  top: "{bn_top}"
+  param {{ lr_mult: 0 decay_mult: 0 }}
+  param {{ lr_mult: 0 decay_mult: 0 }}
+  param {{ lr_mult: 0 decay_mult: 0 }}{bn_param}
+}}
+layer {{
+  name: "{name}/scale"
+  type: "Scale"
+  bottom: "{bn_top}"
+  top: "{bn_top}"
+  scale_param {{ filler {{ value: 1 }} bias_term: true bias_filler {{ value: 0 }} }}
+}}
+layer {{
+  name: "{name}/relu"
+  type: "ReLU"
+  bottom: "{bn_top}"
+  top: "{bn_top}"
+}}""")
+        return bn_top
+
+    def head_conv(self, name, bottom, out):
+        self.add(f"""
+layer {{
+  name: "{name}"
+  type: "Convolution"
+  bottom: "{bottom}"
+  top: "{name}"
+  convolution_param {{ num_output: {out} kernel_size: 3 pad: 1 stride: 1 }}
+}}
+layer {{
+  name: "{name}_perm"
+  type: "Permute"
+  bottom: "{name}"
+  top: "{name}_perm"
+  permute_param {{ order: 0 order: 2 order: 3 order: 1 }}
+}}
+layer {{
+  name: "{name}_flat"
+  type: "Flatten"
+  bottom: "{name}_perm"
+  top: "{name}_flat"
+  flatten_param {{ axis: 1 }}
+}}""")
+        return f"{name}_flat"
+
+
+def prototxt() -> str:
+    n = _Net()
+    n.add("""
+# caffe2metal built-in example: MobileNet-SSD-style (width 0.25), 300x300, 5 classes
+name: "MobileNet-SSD-example"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 300 dim: 300 }""")
+    x = n.conv_bn("conv0", "data", _ch(32), 3, stride=2, conv_bias=True)
+    plan = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
+            (1024, 2), (1024, 1)]
+    for i, (out, stride) in enumerate(plan, start=1):
+        c_in = _ch(32) if i == 1 else _ch(plan[i - 2][0])
+        name = f"conv{i}" if i < 9 else f"conv{i + 3}"
+        x = n.conv_bn(f"{name}/dw", x, c_in, 3, stride=stride, group=c_in)
+        x = n.conv_bn(name, x, _ch(out), 1, new_top=(i >= 9))
+        if i == 8:
+            feat11 = x
+    feats = [feat11, x]
+    for i, (mid, out) in enumerate([(256, 512), (128, 256), (128, 256), (64, 128)], start=14):
+        x = n.conv_bn(f"conv{i}_1", x, _ch(mid), 1, eps=0.001)
+        x = n.conv_bn(f"conv{i}_2", x, _ch(out), 3, stride=2, eps=0.001)
+        feats.append(x)
+    sizes = [(60, None, [2]), (105, 150, [2, 3]), (150, 195, [2, 3]), (195, 240, [2, 3]),
+             (240, 285, [2, 3]), (285, 300, [2, 3])]
+    locs, confs, priors = [], [], []
+    for j, (feat, (mn, mx, ars)) in enumerate(zip(feats, sizes)):
+        per_cell = 1 + (mx is not None) + 2 * len(ars)
+        head = feat.split("/")[0]
+        locs.append(n.head_conv(f"{head}_mbox_loc", feat, per_cell * 4))
+        confs.append(n.head_conv(f"{head}_mbox_conf", feat, per_cell * NUM_CLASSES))
+        ar_text = " ".join(f"aspect_ratio: {a}" for a in ars)
+        mx_text = f" max_size: {mx}" if mx else ""
+        n.add(f"""
+layer {{
+  name: "{head}_mbox_priorbox"
+  type: "PriorBox"
+  bottom: "{feat}"
+  bottom: "data"
+  top: "{head}_mbox_priorbox"
+  prior_box_param {{
+    min_size: {mn}{mx_text} {ar_text}
+    flip: true clip: false
+    variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2
+    offset: 0.5
+  }}
+}}""")
+        priors.append(f"{head}_mbox_priorbox")
+
+    def concat(name, bottoms, axis):
+        b = "\n".join(f'  bottom: "{x}"' for x in bottoms)
+        n.add(f"""
+layer {{
+  name: "{name}"
+  type: "Concat"
+{b}
+  top: "{name}"
+  concat_param {{ axis: {axis} }}
+}}""")
+    concat("mbox_loc", locs, 1)
+    concat("mbox_conf", confs, 1)
+    concat("mbox_priorbox", priors, 2)
+    n.add(f"""
+layer {{
+  name: "mbox_conf_reshape"
+  type: "Reshape"
+  bottom: "mbox_conf"
+  top: "mbox_conf_reshape"
+  reshape_param {{ shape {{ dim: 0 dim: -1 dim: {NUM_CLASSES} }} }}
+}}
+layer {{
+  name: "mbox_conf_softmax"
+  type: "Softmax"
+  bottom: "mbox_conf_reshape"
+  top: "mbox_conf_softmax"
+  softmax_param {{ axis: 2 }}
+}}
+layer {{
+  name: "mbox_conf_flatten"
+  type: "Flatten"
+  bottom: "mbox_conf_softmax"
+  top: "mbox_conf_flatten"
+  flatten_param {{ axis: 1 }}
+}}
+layer {{
+  name: "detection_out"
+  type: "DetectionOutput"
+  bottom: "mbox_loc"
+  bottom: "mbox_conf_flatten"
+  bottom: "mbox_priorbox"
+  top: "detection_out"
+  include {{ phase: TEST }}
+  detection_output_param {{
+    num_classes: {NUM_CLASSES}
+    share_location: true
+    background_label_id: 0
+    nms_param {{ nms_threshold: 0.45 top_k: 100 }}
+    code_type: CENTER_SIZE
+    keep_top_k: 100
+    confidence_threshold: 0.25
+  }}
+}}""")
+    return "\n".join(n.parts) + "\n"
+
+
+def build(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``<STEM>.prototxt`` and ``<STEM>.caffemodel`` into ``directory``."""
+    from . import synth
+    from .reader import read_prototxt
+    from .write_caffe import write_merged_caffemodel
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    proto = d / f"{STEM}.prototxt"
+    proto.write_text(prototxt())
+    model = read_prototxt(proto)
+    synth.init_weights(model, seed)
+    synth.calibrate(model, seed)
+    weights = d / f"{STEM}.caffemodel"
+    write_merged_caffemodel(weights, model.graph)
+    return proto, weights

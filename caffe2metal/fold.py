@@ -1,0 +1,258 @@
+"""Fold BatchNorm (and the Scale after it) into the layer that produced its input.
+
+Before::
+
+    conv (W, b?) -> BatchNorm (mean*s, var*s, s) -> Scale (gamma, beta?) -> ...
+
+After::
+
+    conv (W', b') -> ...            top renamed to the chain's last top
+
+Preconditions (otherwise the chain stays, and the plan says why):
+* the producer is a Convolution (any group, fork depthwise types),
+  Deconvolution or InnerProduct whose output channels are Caffe axis 1;
+* its output is read by the BatchNorm/Scale alone (so it is not a net output);
+* BatchNorm uses global statistics (the TEST-phase default); a Scale has one
+  bottom and one gamma per channel; no layer has fields our schema lacks.
+
+Formula (float64, cast to float32 once).  Each layer of the chain is a
+per-channel affine ``y = x*k + c``:
+* BatchNorm: f = 0 if s == 0 else 1/s; mean = blob0*f; var = blob1*f;
+  k = 1/sqrt(var + eps), c = -mean*k; NVCaffe's 5-blob form then applies its
+  own scale/bias ([3], [4]) like a Scale layer;
+* Scale: k = gamma, c = beta (0 without bias_term).
+Affines compose as (k1, c1) then (k2, c2) = (k1*k2, c1*k2 + c2), and the
+producer becomes W' = W*k along its output-channel axis, b' = b*k + c
+(b = 0 where the producer had no bias).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import GraphError
+from .graph import Graph, Layer
+
+PRODUCERS = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise", "Deconvolution",
+             "InnerProduct")
+_PARAM_KEY = {"InnerProduct": "inner_product_param"}
+
+
+@dataclass
+class Fold:
+    producer: str
+    layers: list[str]              # the BatchNorm/Scale layers folded in, in order
+    top: str                       # unique name of the chain's last top (the producer's new top)
+    eps: float | None = None
+    scale_factor: float | None = None
+
+
+@dataclass
+class Kept:
+    layers: list[str]              # a BatchNorm/Scale chain that stays
+    reason: str
+
+
+@dataclass
+class Plan:
+    folds: list[Fold] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
+
+
+def _out_axis_param(layer: Layer) -> dict:
+    return layer.params.get(_PARAM_KEY.get(layer.type, "convolution_param"), {})
+
+
+def _describe(graph: Graph, layer: Layer | None, blob: str) -> str:
+    if layer is None:
+        return f"its input '{graph.blob_names.get(blob, blob)}' is a net input"
+    return f"its input comes from {layer.type} '{layer.name}', which cannot absorb it"
+
+
+def plan(graph: Graph) -> Plan:
+    """Decide, for every BatchNorm and Scale, whether it folds and into what."""
+    producers = graph.producers()
+    users = graph.consumers()
+    outputs = set(graph.outputs())
+    result = Plan()
+    claimed: set[str] = set()
+
+    def sole_reader(blob: str, layer_type: str) -> Layer | None:
+        readers = users.get(blob, [])
+        if len(readers) == 1 and readers[0].type == layer_type and blob not in outputs:
+            return readers[0]
+        return None
+
+    for layer in graph.layers:
+        if layer.type not in ("BatchNorm", "Scale") or layer.name in claimed:
+            continue
+        chain = [layer]
+        if layer.type == "BatchNorm":
+            nxt = sole_reader(layer.tops[0], "Scale")
+            if nxt is not None and _scale_problem(nxt) is None:
+                chain.append(nxt)
+        claimed.update(l.name for l in chain)
+        names = [l.name for l in chain]
+        reason = _chain_problem(graph, chain, producers, users, outputs)
+        if reason:
+            result.kept.append(Kept(names, reason))
+            continue
+        prod = producers[layer.bottoms[0]]
+        bn = chain[0] if chain[0].type == "BatchNorm" else None
+        result.folds.append(Fold(
+            producer=prod.name, layers=names, top=chain[-1].tops[0],
+            eps=None if bn is None else float(bn.params.get("batch_norm_param", {}).get("eps", 1e-5)),
+            scale_factor=None if bn is None or len(bn.blobs) < 3 else float(bn.blobs[2].reshape(-1)[0])))
+    return result
+
+
+def _scale_problem(layer: Layer) -> str | None:
+    if len(layer.bottoms) != 1:
+        return "Scale with two bottoms multiplies by another blob, not by learned weights"
+    p = layer.params.get("scale_param", {})
+    if p.get("axis", 1) not in (1, -3) or p.get("num_axes", 1) != 1:
+        return "Scale does not apply one factor per channel (axis/num_axes)"
+    if layer.unknown_fields:
+        return f"has fields our schema does not know: {', '.join(layer.unknown_fields)}"
+    return None
+
+
+def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
+    first = chain[0]
+    for layer in chain:
+        if layer.unknown_fields:
+            return f"'{layer.name}' has fields our schema does not know: {', '.join(layer.unknown_fields)}"
+        if len(layer.bottoms) != 1 or len(layer.tops) != 1:
+            if layer.type == "Scale":
+                return _scale_problem(layer)
+            return f"'{layer.name}' does not have exactly one bottom and one top"
+        if layer.type == "Scale" and (why := _scale_problem(layer)):
+            return why
+        if layer.type == "BatchNorm" and layer.params.get("batch_norm_param", {}).get(
+                "use_global_stats", True) is False:
+            return ("use_global_stats is false: it normalises with each batch's own statistics, "
+                    "which no fixed weights can reproduce")
+    blob = first.bottoms[0]
+    prod = producers.get(blob)
+    if prod is None or prod.type not in PRODUCERS:
+        return _describe(graph, prod, blob)
+    if prod.unknown_fields:
+        return f"producer '{prod.name}' has fields our schema does not know"
+    if len(prod.tops) != 1:
+        return f"producer '{prod.name}' has {len(prod.tops)} tops"
+    readers = users.get(blob, [])
+    if len(readers) != 1 or blob in outputs:
+        others = [l.name for l in readers if l is not first]
+        return (f"the output of '{prod.name}' is also read by {', '.join(others)}: folding would "
+                "change what they see")
+    if _out_axis_param(prod).get("axis", 1) != 1:
+        return f"producer '{prod.name}' does not put channels on axis 1"
+    return None
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def _finite(graph: Graph, layer: Layer, index: int) -> np.ndarray:
+    blob = np.asarray(layer.blobs[index], dtype=np.float64).reshape(-1)
+    if not np.isfinite(blob).all():
+        bad = int(np.flatnonzero(~np.isfinite(blob))[0])
+        raise GraphError(f"holds {blob[bad]} at element {bad}", file=graph.source,
+                         layer=layer.name, blob=index)
+    return blob
+
+
+def affine(graph: Graph, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (k, c) with y = x*k + c that a BatchNorm or Scale computes."""
+    if layer.type == "Scale":
+        gamma = _finite(graph, layer, 0)
+        beta = _finite(graph, layer, 1) if len(layer.blobs) > 1 else np.zeros_like(gamma)
+        return gamma, beta
+    if len(layer.blobs) not in (3, 5):
+        raise GraphError(f"BatchNorm needs 3 blobs (or NVCaffe's 5), found {len(layer.blobs)}",
+                         file=graph.source, layer=layer.name)
+    s = _finite(graph, layer, 2)
+    if s.size != 1:
+        raise GraphError(f"the scale factor blob has {s.size} values, expected 1",
+                         file=graph.source, layer=layer.name, blob=2)
+    f = 0.0 if s[0] == 0 else 1.0 / s[0]
+    mean, var = _finite(graph, layer, 0) * f, _finite(graph, layer, 1) * f
+    eps = float(layer.params.get("batch_norm_param", {}).get("eps", 1e-5))
+    denom = var + eps
+    if (denom <= 0).any():
+        bad = int(np.flatnonzero(denom <= 0)[0])
+        raise GraphError(f"variance + eps = {denom[bad]:g} <= 0 at channel {bad} "
+                         f"(variance {var[bad]:g}, eps {eps:g})", file=graph.source,
+                         layer=layer.name, blob=1)
+    k = 1.0 / np.sqrt(denom)
+    c = -mean * k
+    if len(layer.blobs) == 5:                      # NVCaffe: learned scale and bias inside
+        gamma, beta = _finite(graph, layer, 3), _finite(graph, layer, 4)
+        k, c = k * gamma, c * gamma + beta
+    return k, c
+
+
+def chain_affine(graph: Graph, layers: list[Layer]) -> tuple[np.ndarray, np.ndarray]:
+    k, c = None, None
+    for layer in layers:
+        k2, c2 = affine(graph, layer)
+        if k is None:
+            k, c = k2, c2
+        else:
+            if k2.size != k.size:
+                raise GraphError(f"has {k2.size} channels, '{layers[0].name}' has {k.size}",
+                                 file=graph.source, layer=layer.name)
+            k, c = k * k2, c * k2 + c2
+    return k, c
+
+
+def output_channels(layer: Layer) -> int:
+    w = layer.blobs[0]
+    if layer.type == "Deconvolution":
+        return w.shape[1] * _out_axis_param(layer).get("group", 1)
+    if layer.type == "InnerProduct" and _out_axis_param(layer).get("transpose", False):
+        return w.shape[1]
+    return w.shape[0]
+
+
+def fold_weights(layer: Layer, k: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W' and b' (float32) of ``layer`` followed by the affine (k, c)."""
+    w = np.asarray(layer.blobs[0], dtype=np.float64)
+    b = (np.asarray(layer.blobs[1], dtype=np.float64).reshape(-1) if len(layer.blobs) > 1
+         else np.zeros(k.size))
+    if layer.type == "Deconvolution":
+        group = _out_axis_param(layer).get("group", 1)
+        cin, per = w.shape[0], w.shape[1]
+        w = (w.reshape(group, cin // group, per, -1) * k.reshape(group, 1, per, 1)).reshape(w.shape)
+    elif layer.type == "InnerProduct" and _out_axis_param(layer).get("transpose", False):
+        w = w * k.reshape(1, -1)
+    else:
+        w = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
+    return w.astype(np.float32), (b * k + c).astype(np.float32)
+
+
+def apply(graph: Graph, the_plan: Plan) -> Graph:
+    """A new graph with every planned fold done; the input graph is not changed."""
+    by_name = {l.name: l for l in graph.layers}
+    folded: set[str] = set()
+    new_layers: dict[str, Layer] = {}
+    for f in the_plan.folds:
+        prod = by_name[f.producer]
+        chain = [by_name[n] for n in f.layers]
+        k, c = chain_affine(graph, chain)
+        channels = output_channels(prod)
+        if k.size != channels:
+            raise GraphError(f"has {k.size} channels but '{prod.name}' produces {channels}",
+                             file=graph.source, layer=chain[0].name)
+        w, b = fold_weights(prod, k, c)
+        key = _PARAM_KEY.get(prod.type, "convolution_param")
+        params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
+        new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)
+        folded.update(f.layers)
+    layers = [new_layers.get(l.name, l) for l in graph.layers if l.name not in folded]
+    return replace(graph, layers=layers)
+
+
+def count_values(graph: Graph) -> int:
+    return sum(math.prod(b.shape) for l in graph.layers for b in l.blobs)

@@ -1,0 +1,113 @@
+"""Deterministic weights for a net we only have the architecture of.
+
+Used by the built-in example and by the tests, which run real public
+architectures without their (unpublished or large) weights.
+
+Random BatchNorm statistics make activations explode and comparisons
+meaningless, so after He-initialising every weighted layer we *calibrate*:
+run the net in OpenCV on a few random inputs, set each BatchNorm's mean and
+variance from the activations it really sees, and repeat a few rounds (each
+round fixes one more level of BatchNorms that depend on earlier ones).  The
+statistics are stored multiplied by a scale factor far from 1, as training
+leaves them in real snapshots.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from .caffemodel import write_caffemodel
+from .reader import Model
+from .write_caffe import merged_layers
+
+
+def init_weights(model: Model, seed: int = 0) -> None:
+    """Give every layer whose blob shapes we know plausible random blobs."""
+    rng = np.random.default_rng(seed)
+    for layer in model.graph.layers:
+        shapes = model.shapes.params.get(layer.name)
+        if not shapes:
+            continue
+        blobs = []
+        for i, shape in enumerate(shapes):
+            shape = tuple(shape)
+            t = layer.type
+            if t in ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise",
+                     "Deconvolution", "InnerProduct") and i == 0:
+                fan_in = math.prod(shape[1:]) if t != "InnerProduct" or len(shape) < 2 else \
+                    (shape[0] if layer.params.get("inner_product_param", {}).get("transpose") else shape[1])
+                b = rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), shape)
+            elif t == "BatchNorm":
+                b = [np.zeros(shape), np.ones(shape), np.ones(shape)][i] if i < 3 else \
+                    (rng.uniform(0.5, 1.5, shape) if i == 3 else rng.normal(0, 0.1, shape))
+            elif t == "Scale" and i == 0 and len(layer.bottoms) == 1:
+                b = rng.uniform(0.5, 1.5, shape)
+            elif t == "PReLU":
+                b = np.full(shape, 0.25)
+            elif t == "Normalize":
+                b = np.full(shape, 20.0)
+            else:
+                b = rng.normal(0.0, 0.1, shape)
+            blobs.append(b.astype(np.float32))
+        layer.blobs = blobs
+
+
+def caffemodel_bytes(model: Model) -> bytes:
+    buf = io.BytesIO()
+    write_caffemodel(buf, merged_layers(model.graph), net_name=model.graph.name)
+    return buf.getvalue()
+
+
+def opencv_net(prototxt_text: str, model_bytes: bytes, fusion: bool = False):
+    import cv2
+    net = cv2.dnn.readNetFromCaffe(np.frombuffer(prototxt_text.encode(), np.uint8),
+                                   np.frombuffer(model_bytes, np.uint8))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    net.enableFusion(fusion)
+    return net
+
+
+def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    g = model.graph
+    shapes = dict(g.inputs)
+    for layer in g.layers:
+        if layer.type == "Input":
+            shapes.update({t: model.shapes.blobs[t] for t in layer.tops})
+    return [{g.blob_names.get(b, b): rng.uniform(-1, 1, s).astype(np.float32)
+             for b, s in shapes.items()} for _ in range(count)]
+
+
+def calibrate(model: Model, seed: int = 0, rounds: int = 3, samples: int = 2,
+              scale_range=(100.0, 2000.0)) -> None:
+    """Set every BatchNorm's statistics from the activations it sees in OpenCV."""
+    g = model.graph
+    producers = g.producers()
+    bns = [l for l in g.layers if l.type == "BatchNorm" and l.blobs and l.bottoms[0] in producers]
+    if not bns:
+        return
+    rng = np.random.default_rng(seed)
+    factors = {l.name: float(rng.uniform(*scale_range)) for l in bns}
+    inputs = random_inputs(model, seed + 1, samples)
+    text = model.document.text
+    watch = sorted({producers[l.bottoms[0]].name for l in bns})
+    for _ in range(rounds):
+        net = opencv_net(text, caffemodel_bytes(model))
+        seen: dict[str, list] = {}
+        for feed in inputs:
+            for name, x in feed.items():
+                net.setInput(x, name)
+            outs = net.forward(watch)
+            for name, out in zip(watch, outs):
+                seen.setdefault(name, []).append(np.asarray(out, np.float64))
+        for bn in bns:
+            x = np.concatenate(seen[producers[bn.bottoms[0]].name])
+            axes = tuple(a for a in range(x.ndim) if a != 1)
+            mean, var = x.mean(axis=axes), x.var(axis=axes) + 1e-3
+            s = factors[bn.name]
+            bn.blobs[0] = (mean * s).astype(np.float32)
+            bn.blobs[1] = (var * s).astype(np.float32)
+            bn.blobs[2] = np.array([s], np.float32)

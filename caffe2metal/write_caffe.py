@@ -1,0 +1,91 @@
+"""Write the merged Caffe model: deploy prototxt (as edits of the original) and caffemodel.
+
+The merged prototxt is the user's file with three kinds of edit, nothing else:
+* a folded BatchNorm/Scale block is cut out (with its line), and so are the
+  other-phase blocks that share its name (TRAIN twins of a TEST layer);
+* a producer's ``top`` becomes the chain's last top;
+* a producer's ``bias_term`` becomes ``true`` (replaced, or inserted as the first
+  field of its ``convolution_param``/``inner_product_param``).
+Comments, field order, fork layers and fields, line endings: all as written.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from . import textproto
+from .caffemodel import ModelLayer, write_caffemodel
+from .fold import Plan
+from .graph import Graph
+from .reader import Model
+
+_PARAM_KEY = {"InnerProduct": "inner_product_param"}
+
+
+def _quote(name: str) -> str:
+    return json.dumps(name)      # a valid protobuf text string for any name
+
+
+def _line_start(text: str, pos: int) -> int:
+    start = text.rfind("\n", 0, pos) + 1
+    return start if text[start:pos].strip() == "" else pos
+
+
+def _cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
+    """The block plus the whitespace before it on its line and its line end."""
+    start = _line_start(text, f.start)
+    m = re.compile(r"[ \t]*(\r?\n)?").match(text, f.end)
+    return start, m.end()
+
+
+def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
+    text = model.document.text
+    edits: list[tuple[int, int, str]] = []      # (start, end, replacement)
+    folded = {n for f in plan.folds for n in f.layers}
+    for block in model.blocks:
+        names = block.get("name")
+        if names and textproto.unquote(names[0].value or "") in folded:
+            s, e = _cut_span(text, block)
+            edits.append((s, e, ""))
+    by_name = {l.name: l for l in merged.layers}
+    newline = "\r\n" if "\r\n" in text else "\n"
+    for f in plan.folds:
+        layer = by_name[f.producer]
+        block = model.blocks[layer.index]
+        tops = block.get("top")
+        new_top = merged.blob_names.get(f.top, f.top)
+        if textproto.unquote(tops[0].value) != new_top:
+            edits.append((tops[0].value_start, tops[0].value_start + len(tops[0].value),
+                          _quote(new_top)))
+        key = _PARAM_KEY.get(layer.type, "convolution_param")
+        param = block.get(key)[0]
+        bias = param.get("bias_term")
+        if bias:
+            edits.append((bias[0].value_start, bias[0].value_start + len(bias[0].value), "true"))
+        elif param.children:
+            first = param.children[0]
+            indent = text[_line_start(text, first.start):first.start]
+            sep = newline + indent if indent.strip() == "" and indent else " "
+            edits.append((first.start, first.start, "bias_term: true" + sep))
+        else:
+            brace = text.index("{" if "{" in text[param.start:param.end] else "<", param.start)
+            edits.append((brace + 1, brace + 1, " bias_term: true "))
+    out = text
+    for start, end, new in sorted(edits, reverse=True):
+        out = out[:start] + new + out[end:]
+    return out
+
+
+def write_prototxt(path, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def merged_layers(graph: Graph):
+    for layer in graph.layers:
+        if layer.blobs:
+            yield ModelLayer(name=layer.name, type=layer.type, blobs=layer.blobs)
+
+
+def write_merged_caffemodel(path, graph: Graph) -> None:
+    write_caffemodel(path, merged_layers(graph), net_name=graph.name)

@@ -19,6 +19,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prototxt")
     p.add_argument("caffemodel", nargs="?")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("convert", help="fold BatchNorm/Scale; write merged Caffe model, Metal "
+                       "weights and manifest.json")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel", nargs="?", help="default: the .caffemodel next to PROTOTXT")
+    p.add_argument("-o", "--out", help="output directory (default: out/<prototxt stem>)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="Metal weight precision (bias stays float32)")
+    p.add_argument("--naming", choices=("apple", "forge"), default="apple",
+                   help="apple: weights_<name>.dat/bias_<name>.dat; forge: <name>_w.bin/<name>_b.bin")
+    p.add_argument("--no-metal", dest="metal", action="store_false",
+                   help="write only the merged Caffe model and the manifest")
+
+    p = sub.add_parser("example", help="write the built-in MobileNet-SSD-style example model")
+    p.add_argument("directory")
     return ap
 
 
@@ -30,7 +45,22 @@ def _inspect(args) -> int:
     return 0
 
 
-_COMMANDS = {"inspect": _inspect}
+def _convert(args) -> int:
+    from .convert import convert, report
+    result = convert(args.prototxt, args.caffemodel, args.out, metal=args.metal,
+                     dtype=args.dtype, naming=args.naming)
+    print(report(result))
+    return 0
+
+
+def _example(args) -> int:
+    from .example import build
+    proto, weights = build(args.directory)
+    print(f"wrote {proto} and {weights}")
+    return 0
+
+
+_COMMANDS = {"inspect": _inspect, "convert": _convert, "example": _example}
 
 
 def main(argv=None) -> int:

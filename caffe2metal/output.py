@@ -24,6 +24,9 @@ def atomic_directory(out: str | os.PathLike):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)          # mkdtemp's 0700 is not what a user expects
     except OSError as e:
         raise ExportError(f"cannot create the output directory: {e.strerror}", file=out) from None
     try:
@@ -32,7 +35,12 @@ def atomic_directory(out: str | os.PathLike):
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "out")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old / "out", out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

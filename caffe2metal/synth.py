@@ -5,9 +5,8 @@ architectures without their (unpublished or large) weights.
 
 Random BatchNorm statistics make activations explode and comparisons
 meaningless, so after He-initialising every weighted layer we *calibrate*:
-run the net in OpenCV on a few random inputs, set each BatchNorm's mean and
-variance from the activations it really sees, and repeat a few rounds (each
-round fixes one more level of BatchNorms that depend on earlier ones).  The
+run the net once in OpenCV on random inputs and set each BatchNorm's mean and
+variance from the activations it really sees (see ``calibrate``).  The
 statistics are stored multiplied by a scale factor far from 1, as training
 leaves them in real snapshots.
 """
@@ -81,33 +80,58 @@ def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str,
              for b, s in shapes.items()} for _ in range(count)]
 
 
-def calibrate(model: Model, seed: int = 0, rounds: int = 3, samples: int = 2,
-              scale_range=(100.0, 2000.0)) -> None:
-    """Set every BatchNorm's statistics from the activations it sees in OpenCV."""
+def calibrate(model: Model, seed: int = 0, batch: int = 2, scale_range=(100.0, 2000.0)) -> None:
+    """Set every BatchNorm's statistics from the activations it sees in OpenCV.
+
+    One forward pass: a Python layer registered for "BatchNorm" normalises its
+    input with that input's own statistics (as training does) and records them,
+    so every BatchNorm sees what it would see once all earlier ones are set.
+    The layer finds its own entry through a marker in its scale-factor blob.
+    """
+    import cv2
     g = model.graph
-    producers = g.producers()
-    bns = [l for l in g.layers if l.type == "BatchNorm" and l.blobs and l.bottoms[0] in producers]
+    bns = [l for l in g.layers if l.type == "BatchNorm" and len(l.blobs) == 3]
     if not bns:
         return
     rng = np.random.default_rng(seed)
-    factors = {l.name: float(rng.uniform(*scale_range)) for l in bns}
-    inputs = random_inputs(model, seed + 1, samples)
-    text = model.document.text
-    watch = sorted({producers[l.bottoms[0]].name for l in bns})
-    for _ in range(rounds):
-        net = opencv_net(text, caffemodel_bytes(model))
-        seen: dict[str, list] = {}
-        for feed in inputs:
-            for name, x in feed.items():
-                net.setInput(x, name)
-            outs = net.forward(watch)
-            for name, out in zip(watch, outs):
-                seen.setdefault(name, []).append(np.asarray(out, np.float64))
-        for bn in bns:
-            x = np.concatenate(seen[producers[bn.bottoms[0]].name])
+    for i, bn in enumerate(bns):
+        bn.blobs[2] = np.array([i + 1], np.float32)
+    seen: dict[int, tuple] = {}
+
+    class BatchStatsNorm:
+        def __init__(self, params, blobs):
+            self.index = int(round(float(np.asarray(blobs[2]).reshape(-1)[0]))) - 1
+            self.eps = 1e-5
+
+        def getMemoryShapes(self, inputs):
+            return [inputs[0]]
+
+        def forward(self, inputs):
+            x = np.asarray(inputs[0], np.float64)
             axes = tuple(a for a in range(x.ndim) if a != 1)
-            mean, var = x.mean(axis=axes), x.var(axis=axes) + 1e-3
-            s = factors[bn.name]
-            bn.blobs[0] = (mean * s).astype(np.float32)
-            bn.blobs[1] = (var * s).astype(np.float32)
-            bn.blobs[2] = np.array([s], np.float32)
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes) + 1e-3          # no channel is exactly constant
+            seen[self.index] = (mean, var)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            eps = float(bns[self.index].params.get("batch_norm_param", {}).get("eps", 1e-5))
+            return [((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)).astype(np.float32)]
+
+    samples = random_inputs(model, seed + 1, batch)
+    feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
+    cv2.dnn_registerLayer("BatchNorm", BatchStatsNorm)
+    try:
+        net = opencv_net(model.document.text, caffemodel_bytes(model))
+        for name, x in feed.items():
+            net.setInput(x, name)
+        net.forward(sorted({l.name for l in g.layers if l.tops and l.tops[0] in g.outputs()}))
+    finally:
+        cv2.dnn_unregisterLayer("BatchNorm")
+    for i, bn in enumerate(bns):
+        if i not in seen:      # not on the path to any output OpenCV computed
+            bn.blobs[2] = np.array([1.0], np.float32)
+            continue
+        mean, var = seen[i]
+        s = float(rng.uniform(*scale_range))
+        bn.blobs[0] = (mean * s).astype(np.float32)
+        bn.blobs[1] = (var * s).astype(np.float32)
+        bn.blobs[2] = np.array([s], np.float32)

@@ -31,6 +31,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="apple: weights_<name>.dat/bias_<name>.dat; forge: <name>_w.bin/<name>_b.bin")
     p.add_argument("--no-metal", dest="metal", action="store_false",
                    help="write only the merged Caffe model and the manifest")
+    p.add_argument("--verify", action="store_true",
+                   help="then run `verify` on the result (exit 1 above tolerance)")
+
+    p = sub.add_parser("verify", help="recompute every Metal layer from OUT's files and compare "
+                       "with the original model in OpenCV; compare the merged model end to end")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel", nargs="?", help="default: the .caffemodel next to PROTOTXT")
+    p.add_argument("out", help="the directory `convert` wrote")
+    p.add_argument("--image", help="input image (resized to the net's input, BGR, no mean "
+                   "subtraction); default: a deterministic random input")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+
+    p = sub.add_parser("compare", help="max difference of every weights/bias file two output "
+                       "directories share, and the files only one has")
+    p.add_argument("dir_a")
+    p.add_argument("dir_b")
+    p.add_argument("--atol", type=float,
+                   help="exit 1 when a shared file differs by more than this (or in size)")
 
     p = sub.add_parser("example", help="write the built-in MobileNet-SSD-style example model")
     p.add_argument("directory")
@@ -50,7 +68,32 @@ def _convert(args) -> int:
     result = convert(args.prototxt, args.caffemodel, args.out, metal=args.metal,
                      dtype=args.dtype, naming=args.naming)
     print(report(result))
-    return 0
+    if not args.verify:
+        return 0
+    from .verify import render, verify
+    checked = verify(args.prototxt, result.model.caffemodel, result.out)
+    print()
+    print(render(checked))
+    return 0 if checked.ok else 1
+
+
+def _verify(args) -> int:
+    from .convert import default_weights
+    from .verify import render, verify
+    caffemodel = args.caffemodel or default_weights(args.prototxt)
+    checked = verify(args.prototxt, caffemodel, args.out, image=args.image, seed=args.seed)
+    print(render(checked))
+    return 0 if checked.ok else 1
+
+
+def _compare(args) -> int:
+    from .verify import compare, render_comparison
+    c = compare(args.dir_a, args.dir_b)
+    print(render_comparison(c, args.dir_a, args.dir_b))
+    if args.atol is None:
+        return 0
+    bad = [r for r in c.rows if r[5] is None or r[5] > args.atol]
+    return 1 if bad else 0
 
 
 def _example(args) -> int:
@@ -60,7 +103,8 @@ def _example(args) -> int:
     return 0
 
 
-_COMMANDS = {"inspect": _inspect, "convert": _convert, "example": _example}
+_COMMANDS = {"inspect": _inspect, "convert": _convert, "verify": _verify, "compare": _compare,
+             "example": _example}
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,9 @@ def plan(graph: Graph) -> Plan:
     outputs = set(graph.outputs())
     result = Plan()
     claimed: set[str] = set()
+    seen_names: dict[str, int] = {}
+    for layer in graph.layers:
+        seen_names[layer.name] = seen_names.get(layer.name, 0) + 1
 
     def sole_reader(blob: str, layer_type: str) -> Layer | None:
         readers = users.get(blob, [])
@@ -96,6 +99,10 @@ def plan(graph: Graph) -> Plan:
         claimed.update(l.name for l in chain)
         names = [l.name for l in chain]
         reason = _chain_problem(graph, chain, producers, users, outputs)
+        if not reason and any(seen_names[n] > 1 for n in names):
+            reason = "its layer name is used by more than one layer, so weights cannot be matched"
+        if not reason and seen_names[producers[layer.bottoms[0]].name] > 1:
+            reason = "the producer's layer name is used by more than one layer"
         if reason:
             result.kept.append(Kept(names, reason))
             continue

@@ -38,6 +38,7 @@ class Model:
     document: textproto.Document          # the prototxt text and its field spans
     blocks: list[textproto.Field]         # the file's layer blocks, in order
     excluded: list[str] = field(default_factory=list)   # layers dropped by phase rules
+    excluded_blocks: list[int] = field(default_factory=list)   # their block indices
     net_unknown_fields: list[str] = field(default_factory=list)
     prototxt: str = ""
     caffemodel: str | None = None
@@ -120,11 +121,12 @@ def read_prototxt(path: str | os.PathLike) -> Model:
     for name, shape in _declared_inputs(net, path):
         graph.inputs[define(name)] = shape
 
-    excluded = []
+    excluded, excluded_blocks = [], []
     state = (caffe_pb2.TEST, net.state.level, set(net.state.stage))
     for idx, msg in enumerate(messages):
         if not _included(msg, state):
             excluded.append(msg.name)
+            excluded_blocks.append(idx)
             continue
         bottoms = []
         for b in msg.bottom:
@@ -137,6 +139,7 @@ def read_prototxt(path: str | os.PathLike) -> Model:
                                   params=_params(msg), unknown_fields=per_block.get(idx, []),
                                   index=idx))
     model = Model(graph=graph, document=doc, blocks=blocks, excluded=excluded,
+                  excluded_blocks=excluded_blocks,
                   net_unknown_fields=net_unknown, prototxt=path, v1=v1)
     model.shapes = shape_rules.infer(graph)
     return model
@@ -192,7 +195,7 @@ def message_to_dict(msg) -> dict:
     """The fields set in ``msg`` as plain Python values (enums by name)."""
     out = {}
     for fd, value in msg.ListFields():
-        if fd.label == fd.LABEL_REPEATED:
+        if fd.is_repeated:
             out[fd.name] = [_to_python(fd, v) for v in value]
         else:
             out[fd.name] = _to_python(fd, value)
@@ -227,9 +230,7 @@ def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
     """Give every layer its blobs from ``caffemodel``, checked against the prototxt."""
     from .caffemodel import read_caffemodel
     path = str(caffemodel)
-    stored = {}
-    for entry in read_caffemodel(path):
-        stored.setdefault(entry.name, entry)      # Caffe copies from the first of a name
+    stored = read_caffemodel(path).by_name()      # Caffe: the last layer of a name wins
     model.caffemodel = path
     expected = model.shapes.params
     for layer in model.graph.layers:

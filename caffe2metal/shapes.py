@@ -183,7 +183,9 @@ def _pool(layer, ins):
         sw = p.get("stride_w", p.get("stride", 1))
         ph = p.get("pad_h", p.get("pad", 0))
         pw = p.get("pad_w", p.get("pad", 0))
-    rnd = math.floor if p.get("round_mode", "CEIL") == "FLOOR" else math.ceil
+    # BVLC's round_mode, or the older fork field ceil_mode (false = floor)
+    floor = p.get("round_mode", "CEIL") == "FLOOR" or p.get("ceil_mode", True) is False
+    rnd = math.floor if floor else math.ceil
     oh = int(rnd((h + 2 * ph - kh) / sh)) + 1
     ow = int(rnd((w + 2 * pw - kw) / sw)) + 1
     if ph or pw:   # Caffe: the last window must start inside the image (or its left padding)

@@ -19,7 +19,8 @@ import numpy as np
 
 from .caffemodel import write_caffemodel
 from .reader import Model
-from .write_caffe import merged_layers
+from .fold import Plan
+from .write_caffe import merged_layers, merged_prototxt
 
 
 def init_weights(model: Model, seed: int = 0) -> None:
@@ -38,6 +39,8 @@ def init_weights(model: Model, seed: int = 0) -> None:
                 fan_in = math.prod(shape[1:]) if t != "InnerProduct" or len(shape) < 2 else \
                     (shape[0] if layer.params.get("inner_product_param", {}).get("transpose") else shape[1])
                 b = rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), shape)
+                if len(shape) == 4 and shape[2] * shape[3] > 1:
+                    b = _smooth_kernels(rng, shape, fan_in)
             elif t == "BatchNorm":
                 b = [np.zeros(shape), np.ones(shape), np.ones(shape)][i] if i < 3 else \
                     (rng.uniform(0.5, 1.5, shape) if i == 3 else rng.normal(0, 0.1, shape))
@@ -51,6 +54,20 @@ def init_weights(model: Model, seed: int = 0) -> None:
                 b = rng.normal(0.0, 0.1, shape)
             blobs.append(b.astype(np.float32))
         layer.blobs = blobs
+
+
+def _smooth_kernels(rng, shape, fan_in) -> np.ndarray:
+    """Random channel mixing times a spatial low-pass with some noise.
+
+    Trained filters are smooth; i.i.d. random taps make a BatchNorm net chaotic,
+    where float32 rounding grows by ~1.3x a layer and no comparison of two float32
+    runs means anything after thirty layers.
+    """
+    kh, kw = shape[2], shape[3]
+    taps = np.outer(np.hanning(kh + 2)[1:-1], np.hanning(kw + 2)[1:-1])
+    taps = taps / np.sqrt((taps ** 2).sum())
+    mix = rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), shape[:2] + (1, 1)) * math.sqrt(kh * kw)
+    return mix * (taps + rng.normal(0.0, 0.3 / math.sqrt(kh * kw), shape))
 
 
 def caffemodel_bytes(model: Model) -> bytes:
@@ -69,18 +86,42 @@ def opencv_net(prototxt_text: str, model_bytes: bytes, fusion: bool = False):
     return net
 
 
+def _image_like(rng, shape) -> np.ndarray:
+    """Smooth structure at several scales, per-image brightness and contrast, a little noise.
+
+    Pure noise makes deep features almost constant within an image, so BatchNorm
+    statistics calibrated on it divide by a tiny spread and amplify float32
+    rounding layer after layer; natural images do not behave like that.
+    """
+    if len(shape) != 4 or shape[2] < 4 or shape[3] < 4:
+        return rng.uniform(-1, 1, shape)
+    n, c, h, w = shape
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    out = np.zeros(shape)
+    for freq in (1, 2, 4, 8):
+        phase = rng.uniform(0, 2 * np.pi, (n, c, 2, 1, 1))
+        direction = rng.normal(size=(n, c, 2, 1, 1))
+        out += rng.uniform(0.3, 1.0, (n, c, 1, 1)) / freq * np.sin(
+            2 * np.pi * freq * (direction[:, :, 0] * xx + direction[:, :, 1] * yy) + phase[:, :, 0])
+    out = out / np.abs(out).max(axis=(2, 3), keepdims=True)
+    contrast = rng.uniform(0.3, 1.0, (n, 1, 1, 1))
+    brightness = rng.uniform(-0.4, 0.4, (n, 1, 1, 1))
+    return contrast * out + brightness + rng.normal(0, 0.05, shape)
+
+
 def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds {input name: float32 array} of image-like data in [-1.5, 1.5]."""
     rng = np.random.default_rng(seed)
     g = model.graph
     shapes = dict(g.inputs)
     for layer in g.layers:
         if layer.type == "Input":
             shapes.update({t: model.shapes.blobs[t] for t in layer.tops})
-    return [{g.blob_names.get(b, b): rng.uniform(-1, 1, s).astype(np.float32)
+    return [{g.blob_names.get(b, b): _image_like(rng, s).astype(np.float32)
              for b, s in shapes.items()} for _ in range(count)]
 
 
-def calibrate(model: Model, seed: int = 0, batch: int = 2, scale_range=(100.0, 2000.0)) -> None:
+def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2000.0)) -> None:
     """Set every BatchNorm's statistics from the activations it sees in OpenCV.
 
     One forward pass: a Python layer registered for "BatchNorm" normalises its
@@ -110,22 +151,46 @@ def calibrate(model: Model, seed: int = 0, batch: int = 2, scale_range=(100.0, 2
             x = np.asarray(inputs[0], np.float64)
             axes = tuple(a for a in range(x.ndim) if a != 1)
             mean = x.mean(axis=axes)
-            var = x.var(axis=axes) + 1e-3          # no channel is exactly constant
+            # Deep features of a random net are almost the same for every input: a
+            # per-channel offset far larger than its spread, which a BatchNorm fitted
+            # to that spread amplifies (with every float32 rounding in it).  Trained
+            # features vary across images by a fair part of their mean: count 10%.
+            var = x.var(axis=axes) + 0.1 * mean ** 2 + 1e-3
             seen[self.index] = (mean, var)
             shape = (1, -1) + (1,) * (x.ndim - 2)
             eps = float(bns[self.index].params.get("batch_norm_param", {}).get("eps", 1e-5))
             return [((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)).astype(np.float32)]
 
+    class ChannelScale:
+        """Caffe's Scale (axis 1) in numpy: OpenCV's own Scale rejects some 2-D inputs
+        coming from a Python layer."""
+        def __init__(self, params, blobs):
+            self.blobs = [np.asarray(b, np.float64).reshape(-1) for b in blobs]
+
+        def getMemoryShapes(self, inputs):
+            return [inputs[0]]
+
+        def forward(self, inputs):
+            x = np.asarray(inputs[0], np.float64)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            blobs = list(self.blobs)
+            gamma = np.asarray(inputs[1], np.float64).reshape(x.shape[:2] + (1,) * (x.ndim - 2)) \
+                if len(inputs) > 1 else blobs.pop(0).reshape(shape)
+            y = x * gamma + (blobs[0].reshape(shape) if blobs else 0.0)
+            return [y.astype(np.float32)]
+
     samples = random_inputs(model, seed + 1, batch)
     feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
     cv2.dnn_registerLayer("BatchNorm", BatchStatsNorm)
+    cv2.dnn_registerLayer("Scale", ChannelScale)
     try:
-        net = opencv_net(model.document.text, caffemodel_bytes(model))
+        net = opencv_net(merged_prototxt(model, g, Plan()), caffemodel_bytes(model))
         for name, x in feed.items():
             net.setInput(x, name)
         net.forward(sorted({l.name for l in g.layers if l.tops and l.tops[0] in g.outputs()}))
     finally:
         cv2.dnn_unregisterLayer("BatchNorm")
+        cv2.dnn_unregisterLayer("Scale")
     for i, bn in enumerate(bns):
         if i not in seen:      # not on the path to any output OpenCV computed
             bn.blobs[2] = np.array([1.0], np.float32)

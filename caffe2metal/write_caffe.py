@@ -1,8 +1,9 @@
 """Write the merged Caffe model: deploy prototxt (as edits of the original) and caffemodel.
 
 The merged prototxt is the user's file with three kinds of edit, nothing else:
-* a folded BatchNorm/Scale block is cut out (with its line), and so are the
-  other-phase blocks that share its name (TRAIN twins of a TEST layer);
+* a folded BatchNorm/Scale block is cut out (with its line), and so is every
+  block that does not run in the TEST phase (TRAIN twins of deploy layers:
+  the merged file is a deploy file, and OpenCV ignores phase rules);
 * a producer's ``top`` becomes the chain's last top;
 * a producer's ``bias_term`` becomes ``true`` (replaced, or inserted as the first
   field of its ``convolution_param``/``inner_product_param``).
@@ -41,12 +42,11 @@ def _cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
 def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
     text = model.document.text
     edits: list[tuple[int, int, str]] = []      # (start, end, replacement)
-    folded = {n for f in plan.folds for n in f.layers}
-    for block in model.blocks:
-        names = block.get("name")
-        if names and textproto.unquote(names[0].value or "") in folded:
-            s, e = _cut_span(text, block)
-            edits.append((s, e, ""))
+    index = {l.name: l.index for l in model.graph.layers}
+    folded = {index[n] for f in plan.folds for n in f.layers}
+    for idx in sorted(folded | set(model.excluded_blocks)):
+        s, e = _cut_span(text, model.blocks[idx])
+        edits.append((s, e, ""))
     by_name = {l.name: l for l in merged.layers}
     newline = "\r\n" if "\r\n" in text else "\n"
     for f in plan.folds:

@@ -1,0 +1,65 @@
+"""Shared helpers: real model files from ../shared/models, tiny nets, OpenCV runs."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe2metal import synth
+from caffe2metal.caffemodel import write_caffemodel
+from caffe2metal.reader import read_model, read_prototxt
+from caffe2metal.write_caffe import merged_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def real_models() -> list[Path]:
+    """Every deploy.prototxt in ../shared/models; empty when the folder is absent."""
+    if not SHARED_MODELS.is_dir():
+        return []
+    return sorted(SHARED_MODELS.glob("*/deploy.prototxt"))
+
+
+def model_id(path: Path) -> str:
+    return path.parent.name
+
+
+def write_net(tmp_path: Path, text: str, name: str = "net") -> Path:
+    p = tmp_path / f"{name}.prototxt"
+    p.write_text(text)
+    return p
+
+
+def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path | None = None):
+    """Read ``proto``, give it deterministic weights, write them next to it; return (model, path)."""
+    model = read_prototxt(proto)
+    synth.init_weights(model, seed)
+    if calibrate:
+        synth.calibrate(model, seed)
+    path = out or proto.with_suffix(".caffemodel")
+    write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
+    return read_model(proto, path), path
+
+
+def opencv_run(proto: Path, weights: Path, feed: dict, outputs: list[str]) -> list[np.ndarray]:
+    import cv2
+    net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.enableFusion(False)
+    for name, x in feed.items():
+        net.setInput(x, name)
+    return [np.array(o) for o in net.forward(outputs)]
+
+
+def caffemodel_bytes(layers) -> bytes:
+    buf = io.BytesIO()
+    write_caffemodel(buf, layers)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path

@@ -1,0 +1,165 @@
+"""The real public architectures in ../shared/models, with weights made here.
+
+* every one of them reads, and `inspect` prints it (text and JSON);
+* where OpenCV can load it, our inferred shapes equal OpenCV's getLayersShapes;
+* where OpenCV can run it, the merged model computes what the original does:
+  max|diff| / max|reference| <= 2e-4 on every net output (for SSD: on the
+  inputs of DetectionOutput), OpenCV's own fusion off on both.
+
+OpenCV needs two adjustments that do not change what is computed: it ignores
+phase rules (so the reference is the TEST-phase text, which is our merged
+writer with an empty plan), and it calls the fork's DepthwiseConvolution
+"Convolution" (same blobs, same math).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from caffe2metal import fold, synth
+from caffe2metal.convert import convert
+from caffe2metal.reader import read_model
+from caffe2metal.write_caffe import merged_prototxt
+from conftest import real_models, model_id, with_weights
+
+MODELS = real_models()
+
+# Architectures OpenCV 4.x cannot load, and why (checked when this list was made).
+NOT_IN_OPENCV = {
+    "enet": "custom `BN` layer type and Python layers",
+    "segnet": "custom `BN` type; no deploy input (DenseImageData data layer)",
+    "yolov3": "fork `Upsample` layer type",
+}
+# OpenCV asserts in DetectionOutput for this net; compare everything before it.
+DROP_DETECTION_OUTPUT = {"faceboxes"}
+
+
+def _opencv_text(text: str) -> str:
+    return text.replace('"DepthwiseConvolution"', '"Convolution"')
+
+
+def _runnable_copy(model, tmp_path, name):
+    """The TEST-phase prototxt as OpenCV needs it, next to the weights."""
+    text = merged_prototxt(model, model.graph, fold.Plan())
+    if model_id_of(model) in DROP_DETECTION_OUTPUT:
+        text = _drop_type(model, text, "DetectionOutput")
+    p = tmp_path / f"{name}.prototxt"
+    p.write_text(_opencv_text(text))
+    return p
+
+
+def model_id_of(model):
+    from pathlib import Path
+    return Path(model.prototxt).parent.name
+
+
+def _drop_type(model, text, layer_type):
+    from caffe2metal import textproto
+    doc = textproto.parse(text)
+    blocks = [f for f in doc.fields if f.name in ("layer", "layers")]
+    for b in reversed(blocks):
+        t = b.get("type")
+        if t and textproto.unquote(t[0].value) == layer_type:
+            text = text[:b.start] + text[b.end:]
+    return text
+
+
+def _prepare(path, tmp_path, calibrate=True):
+    d = tmp_path / model_id(path)
+    d.mkdir()
+    shutil.copy(path, d / "deploy.prototxt")
+    return with_weights(d / "deploy.prototxt", calibrate=calibrate)
+
+
+@pytest.mark.parametrize("path", MODELS, ids=model_id)
+def test_inspect_reads_every_real_model(path):
+    run = subprocess.run([sys.executable, "-m", "caffe2metal", "inspect", str(path), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["layers"], "no layers"
+    text = subprocess.run([sys.executable, "-m", "caffe2metal", "inspect", str(path)],
+                          capture_output=True, text=True)
+    assert text.returncode == 0 and "fold plan:" in text.stdout
+
+
+RUNNABLE = [p for p in MODELS if model_id(p) not in NOT_IN_OPENCV]
+
+
+def _opencv_input_shapes(model):
+    g = model.graph
+    shapes = [tuple(s) for s in g.inputs.values()]
+    shapes += [tuple(model.shapes.blobs[t]) for l in g.layers if l.type == "Input" for t in l.tops]
+    return shapes
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=model_id)
+def test_shapes_equal_opencv(path, tmp_path):
+    import cv2
+    model, weights = _prepare(path, tmp_path, calibrate=False)
+    proto = _runnable_copy(model, tmp_path, "opencv")
+    net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+    shapes = _opencv_input_shapes(model)
+    ids, _, outs = net.getLayersShapes(shapes if len(shapes) > 1 else shapes[0])
+    by_name = {}
+    for layer in model.graph.layers:
+        by_name.setdefault(layer.name, layer)
+    compared = 0
+    for lid, out in zip(ids, outs):
+        layer = by_name.get(net.getLayer(int(lid)).name)
+        if layer is None:
+            continue
+        for top, theirs in zip(layer.tops, out):
+            ours = model.shapes.blobs[top]
+            theirs = tuple(int(v) for v in np.array(theirs).reshape(-1))
+            assert ours is not None, f"{layer.name}: we found no shape, OpenCV says {theirs}"
+            assert len(ours) == len(theirs) and all(
+                a is None or a == b for a, b in zip(ours, theirs)), \
+                f"{layer.name} ({layer.type}): ours {ours}, OpenCV {theirs}"
+            compared += 1
+    assert compared >= len(model.graph.layers) * 0.9
+
+
+def _compared_outputs(graph):
+    """Unique blob names to compare: DetectionOutput inputs, else the net outputs."""
+    det = [l for l in graph.layers if l.type == "DetectionOutput"]
+    if det:
+        return [b for l in det for b in l.bottoms]
+    return graph.outputs()
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=model_id)
+def test_merged_model_computes_the_same(path, tmp_path):
+    model, weights = _prepare(path, tmp_path)
+    result = convert(model.prototxt, weights, tmp_path / "out", metal=False)
+    merged = read_model(result.out / result.manifest["merged"]["prototxt"],
+                        result.out / result.manifest["merged"]["caffemodel"])
+    # nothing foldable is left, and everything kept has a reason
+    assert fold.plan(merged.graph).folds == []
+    kept = {n for k in result.plan.kept for n in k.layers}
+    left = {l.name for l in merged.graph.layers if l.type in ("BatchNorm", "Scale")}
+    assert left == kept
+    assert len(merged.graph.layers) == len(model.graph.layers) - sum(
+        len(f.layers) for f in result.plan.folds)
+
+    ref_proto = _runnable_copy(model, tmp_path, "reference")
+    new_proto = _runnable_copy(merged, tmp_path, "merged")
+    blobs = _compared_outputs(model.graph)
+    names = model.graph.blob_names
+    ref_layers = [model.graph.producers()[b].name for b in blobs]
+    last_writer = {merged.graph.blob_names[t]: l.name for l in merged.graph.layers for t in l.tops}
+    new_layers = [last_writer[names[b]] for b in blobs]
+    feed = synth.random_inputs(model, seed=7, count=1)[0]
+    from conftest import opencv_run
+    ref = opencv_run(ref_proto, weights, feed, ref_layers)
+    new = opencv_run(new_proto, merged.caffemodel, feed, new_layers)
+    for blob, a, b in zip(blobs, ref, new):
+        scale = np.abs(a).max()
+        assert np.isfinite(a).all() and scale > 0, f"{names[blob]}: reference is degenerate"
+        rel = np.abs(a - b).max() / scale
+        assert rel <= 2e-4, f"{names[blob]}: max|diff|/max|ref| = {rel:.3g}"

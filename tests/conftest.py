@@ -33,25 +33,32 @@ def write_net(tmp_path: Path, text: str, name: str = "net") -> Path:
     return p
 
 
-def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path | None = None):
+def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path | None = None,
+                 adapt=lambda text: text):
     """Read ``proto``, give it deterministic weights, write them next to it; return (model, path)."""
     model = read_prototxt(proto)
     synth.init_weights(model, seed)
     if calibrate:
-        synth.calibrate(model, seed)
+        synth.calibrate(model, seed, adapt=adapt)
     path = out or proto.with_suffix(".caffemodel")
     write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
     return read_model(proto, path), path
 
 
-def opencv_run(proto: Path, weights: Path, feed: dict, outputs: list[str]) -> list[np.ndarray]:
+def opencv_run(proto: Path, weights: Path, feed: dict, outputs: list) -> list[np.ndarray]:
+    """Forward in OpenCV (fusion off); each output is a layer name or (layer name, top name).
+
+    OpenCV's Caffe importer names some layers after their top instead of their
+    `name`, so a (name, top) pair is looked up under whichever one it used."""
     import cv2
     net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.enableFusion(False)
+    known = set(net.getLayerNames())
+    names = [o if isinstance(o, str) else (o[0] if o[0] in known else o[1]) for o in outputs]
     for name, x in feed.items():
         net.setInput(x, name)
-    return [np.array(o) for o in net.forward(outputs)]
+    return [np.array(o) for o in net.forward(names)]
 
 
 def caffemodel_bytes(layers) -> bytes:

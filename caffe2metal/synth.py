@@ -26,6 +26,7 @@ from .write_caffe import merged_layers, merged_prototxt
 def init_weights(model: Model, seed: int = 0) -> None:
     """Give every layer whose blob shapes we know plausible random blobs."""
     rng = np.random.default_rng(seed)
+    branch_ends = _residual_branch_ends(model.graph)
     for layer in model.graph.layers:
         shapes = model.shapes.params.get(layer.name)
         if not shapes:
@@ -45,7 +46,10 @@ def init_weights(model: Model, seed: int = 0) -> None:
                 b = [np.zeros(shape), np.ones(shape), np.ones(shape)][i] if i < 3 else \
                     (rng.uniform(0.5, 1.5, shape) if i == 3 else rng.normal(0, 0.1, shape))
             elif t == "Scale" and i == 0 and len(layer.bottoms) == 1:
-                b = rng.uniform(0.5, 1.5, shape)
+                # trained residual branches end in a small gamma; 1 would let the
+                # residual stream grow with depth
+                b = rng.uniform(0.1, 0.3, shape) if layer.name in branch_ends else \
+                    rng.uniform(0.5, 1.5, shape)
             elif t == "PReLU":
                 b = np.full(shape, 0.25)
             elif t == "Normalize":
@@ -54,6 +58,21 @@ def init_weights(model: Model, seed: int = 0) -> None:
                 b = rng.normal(0.0, 0.1, shape)
             blobs.append(b.astype(np.float32))
         layer.blobs = blobs
+
+
+def _residual_branch_ends(graph) -> set[str]:
+    """Scale layers whose output goes (through in-place layers) straight into a sum."""
+    users = graph.consumers()
+    ends = set()
+    for layer in graph.layers:
+        if layer.type != "Scale":
+            continue
+        blob = layer.tops[0]
+        while len(users.get(blob, [])) == 1 and users[blob][0].type in ("ReLU", "PReLU", "Dropout"):
+            blob = users[blob][0].tops[0]
+        if any(u.type in ("Eltwise", "Axpy") for u in users.get(blob, [])):
+            ends.add(layer.name)
+    return ends
 
 
 def _smooth_kernels(rng, shape, fan_in) -> np.ndarray:

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from .caffemodel import write_caffemodel
+from .errors import Caffe2MetalError
 from .reader import Model
 from .fold import Plan
 from .write_caffe import merged_layers, merged_prototxt
@@ -220,6 +221,10 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2
             continue
         mean, var = seen[i]
         s = float(rng.uniform(*scale_range))
+        if not (np.isfinite(mean * s).all() and np.isfinite(var * s).all()
+                and np.abs(var * s).max() < np.finfo(np.float32).max):
+            raise Caffe2MetalError("synthetic weights overflow float32 before this BatchNorm",
+                                   file=g.source, layer=bn.name)
         bn.blobs[0] = (mean * s).astype(np.float32)
         bn.blobs[1] = (var * s).astype(np.float32)
         bn.blobs[2] = np.array([s], np.float32)

@@ -358,7 +358,12 @@ def export(model, merged: Graph, plan: fold.Plan, out, *, dtype: str = "float32"
         "metal": {"directory": METAL_DIR, "naming": naming, "weights_dtype": dtype,
                   "bias_dtype": "float32", "byte_order": "little", "skipped": skipped},
     }
-    ssd = _ssd(model, merged, writer)
+    try:
+        ssd = _ssd(model, merged, writer)
+    except _NotSSDPriors as e:
+        det = next(l for l in merged.layers if l.type == "DetectionOutput")
+        skipped.append({"name": det.name, "type": det.type, "reason": str(e)})
+        ssd = None
     if ssd is not None:
         result["ssd"] = ssd
     return result
@@ -517,6 +522,8 @@ def _ssd(model, merged: Graph, writer: _Writer) -> dict | None:
     except (ValueError, IndexError) as e:
         raise ExportError(f"cannot concatenate the PriorBox outputs on axis {axis}: {e}",
                           layer=None if concat is None else concat.name) from None
+    if det is not None:
+        _check_prior_counts(det, first, shapes)
     spec = writer.write("priors.dat", "priors", priors, "float32",
                         "[2][num_priors*4]: xmin, ymin, xmax, ymax of every prior, "
                         "then their variances")
@@ -542,6 +549,29 @@ def _ssd(model, merged: Graph, writer: _Writer) -> dict | None:
 
 
 _PASS_THROUGH = ("Flatten", "Reshape", "Permute", "Softmax", "Sigmoid")
+
+
+class _NotSSDPriors(Exception):
+    """PriorBox layers whose count does not match the heads: not SSD's PriorBox semantics."""
+
+
+def _check_prior_counts(det: Layer, num_priors: int, shapes) -> None:
+    """The loc and conf inputs of DetectionOutput must hold exactly one entry per prior."""
+    p = _param(det, "detection_output_param")
+    classes = p.get("num_classes")
+    loc_classes = 1 if p.get("share_location", True) else classes
+    for blob, per_prior, what in ((det.bottoms[0], 4 * (loc_classes or 0), "loc"),
+                                  (det.bottoms[1], classes or 0, "conf")):
+        shape = shapes.get(blob)
+        if shape is None or None in shape or not per_prior:
+            continue
+        have = int(np.prod(shape[1:]))
+        if have != num_priors * per_prior:
+            raise _NotSSDPriors(
+                f"the PriorBox layers give {num_priors} priors, so DetectionOutput's {what} "
+                f"input should hold {num_priors * per_prior} values per image, but it holds "
+                f"{have}: this net's prior boxes are not SSD's PriorBox (e.g. FaceBoxes "
+                "densifies anchors); no priors.dat is written")
 
 
 def _detection_params(det: Layer) -> dict:

@@ -674,3 +674,37 @@ def test_verify_vgg_ssd300(tmp_path, name):
     assert len([r for r in report.layers if r.kind != "priors"]) == len(manifest["layers"])
     assert all(r.counted for r in report.layers + report.outputs)
     assert any(r.kind == "priors" and r.ok for r in report.layers)
+
+
+def test_priors_that_do_not_match_the_heads_are_not_written(tmp_path):
+    """FaceBoxes-style nets size their heads for more anchors than SSD's PriorBox gives:
+    a priors.dat would mislead the app, so none is written and the manifest says why."""
+    from conftest import with_weights
+    text = '''input: "data"
+input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }
+layer { name: "f" type: "Convolution" bottom: "data" top: "f" convolution_param { num_output: 8 kernel_size: 3 stride: 4 pad: 1 } }
+layer { name: "loc" type: "Convolution" bottom: "f" top: "loc" convolution_param { num_output: LOC kernel_size: 1 } }
+layer { name: "loc_flat" type: "Flatten" bottom: "loc" top: "loc_flat" }
+layer { name: "conf" type: "Convolution" bottom: "f" top: "conf" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "conf_flat" type: "Flatten" bottom: "conf" top: "conf_flat" }
+layer { name: "pb" type: "PriorBox" bottom: "f" bottom: "data" top: "pb"
+  prior_box_param { min_size: 8 clip: false variance: 0.1 } }
+layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_flat" bottom: "pb" top: "det"
+  detection_output_param { num_classes: 2 share_location: true background_label_id: 0
+    nms_param { nms_threshold: 0.45 top_k: 10 } code_type: CENTER_SIZE keep_top_k: 10 } }
+'''
+    for loc, consistent in ((4, True), (8, False)):
+        d = tmp_path / str(loc)
+        d.mkdir()
+        proto = d / "net.prototxt"
+        proto.write_text(text.replace("LOC", str(loc)).replace(
+            "num_output: 2 kernel_size", f"num_output: {2 * loc // 4} kernel_size"))
+        model, weights = with_weights(proto, calibrate=False)
+        result = convert(proto, weights, d / "out")
+        manifest = json.loads((d / "out" / "manifest.json").read_text())
+        assert ("ssd" in manifest) == consistent
+        assert (d / "out" / "metal" / "priors.dat").exists() == consistent
+        reasons = [s["reason"] for s in manifest["metal"]["skipped"] if s["name"] == "det"]
+        assert bool(reasons) != consistent
+        if reasons:
+            assert "not SSD's PriorBox" in reasons[0]

@@ -96,6 +96,32 @@ def caffemodel_bytes(model: Model) -> bytes:
     return buf.getvalue()
 
 
+# fork layer types OpenCV knows under another name, with the same blobs and math
+_OPENCV_TYPE_NAMES = {"DepthwiseConvolution": "Convolution"}
+
+
+def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
+    """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
+    (it would run TRAIN twins of deploy layers) and lacks some fork type names.
+    Layers of the types in ``drop`` are left out."""
+    from . import textproto
+    from .write_caffe import cut_span
+    text = merged_prototxt(model, model.graph, Plan())
+    doc = textproto.parse(text, model.prototxt)
+    edits = []
+    for block in doc.fields:
+        for t in block.get("type") if block.name == "layer" else ():
+            value = textproto.unquote(t.value or "")
+            if value in drop:
+                edits.append(cut_span(text, block) + ("",))
+            elif value in _OPENCV_TYPE_NAMES:
+                edits.append((t.value_start, t.value_start + len(t.value),
+                              f'"{_OPENCV_TYPE_NAMES[value]}"'))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
+
+
 def opencv_net(prototxt_text: str, model_bytes: bytes, fusion: bool = False):
     import cv2
     net = cv2.dnn.readNetFromCaffe(np.frombuffer(prototxt_text.encode(), np.uint8),
@@ -142,14 +168,14 @@ def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str,
 
 
 def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2000.0),
-              adapt=lambda text: text) -> None:
+              drop: tuple[str, ...] = ()) -> None:
     """Set every BatchNorm's statistics from the activations it sees in OpenCV.
 
     One forward pass: a Python layer registered for "BatchNorm" normalises its
     input with that input's own statistics (as training does) and records them,
     so every BatchNorm sees what it would see once all earlier ones are set.
     The layer finds its own entry through a marker in its scale-factor blob.
-    ``adapt`` may rewrite the TEST-phase prototxt text for OpenCV's sake.
+    Layers of the types in ``drop`` are left out of that pass (see ``opencv_text``).
     """
     import cv2
     g = model.graph
@@ -208,7 +234,7 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2
     cv2.dnn_registerLayer("BatchNorm", BatchStatsNorm)
     cv2.dnn_registerLayer("Scale", ChannelScale)
     try:
-        net = opencv_net(adapt(merged_prototxt(model, g, Plan())), caffemodel_bytes(model))
+        net = opencv_net(opencv_text(model, drop), caffemodel_bytes(model))
         for name, x in feed.items():
             net.setInput(x, name)
         net.forward(net.getUnconnectedOutLayersNames())

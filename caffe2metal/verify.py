@@ -74,6 +74,7 @@ import numpy as np
 from . import fold, mps
 from .errors import Caffe2MetalError
 from .reader import read_model, read_prototxt
+from .synth import opencv_text
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 END_TO_END_TOLERANCE = {"": 1e-4, "DetectionOutput": 1e-3}
@@ -174,7 +175,7 @@ def _cv_message(e) -> str:
     return lines[-1].split(") ", 1)[-1] if lines else str(e)
 
 
-def _cv_pins(graph, net) -> dict[tuple[int, int], tuple[str, int]]:
+def _cv_pins(graph, net, drop=()) -> dict[tuple[int, int], tuple[str, int]]:
     """(id(layer), top index) -> (OpenCV layer name, output index).
 
     OpenCV's Caffe importer names a layer as the file does, with ``_1``,
@@ -192,15 +193,15 @@ def _cv_pins(graph, net) -> dict[tuple[int, int], tuple[str, int]]:
             else:
                 pins[(id(layer), i)] = (layer.name if k == 0 else f"{layer.name}_{k}", i)
     have = set(net.getLayerNames())
-    missing = [pins[(id(l), 0)][0] for l in graph.layers
-               if l.type != "Input" and l.tops and pins[(id(l), 0)][0] not in have]
+    missing = [pins[(id(l), 0)][0] for l in graph.layers if l.type != "Input" and
+               l.type not in drop and l.tops and pins[(id(l), 0)][0] not in have]
     if missing:
         raise Caffe2MetalError(f"OpenCV's net has no layer {missing[0]!r}: its layer list does not "
                                "match this prototxt", file=graph.source)
     return pins
 
 
-def _forward(graph, net, feed: dict, blobs: set[str]) -> dict[str, np.ndarray]:
+def _forward(graph, net, feed: dict, blobs: set[str], drop=()) -> dict[str, np.ndarray]:
     """The value of each unique blob in ``blobs`` after one OpenCV forward pass.
 
     OpenCV keeps the requested outputs of a layer alive only for its first
@@ -209,7 +210,7 @@ def _forward(graph, net, feed: dict, blobs: set[str]) -> dict[str, np.ndarray]:
     stops at their layer.
     """
     import cv2
-    pins = _cv_pins(graph, net)
+    pins = _cv_pins(graph, net, drop)
     producers = graph.producers()
     where, first, later = {}, [], []
     for b in blobs:
@@ -469,10 +470,13 @@ def verify(prototxt, caffemodel, out, *, image=None, seed: int = 0) -> Report:
     concat = graph.layer(ssd["priorbox_concat"]) if ssd.get("priorbox_concat") else None
     if concat is not None:
         needed.add(concat.tops[0])
-    needed.update(graph.outputs())
-
-    net = _opencv(model.document.text, Path(model.caffemodel))
-    values = _forward(graph, net, feed, needed)
+    # a DetectionOutput the export found not to be SSD's (see metal._check_prior_counts)
+    # cannot run in OpenCV either: check everything up to it
+    drop = tuple({s["type"] for s in manifest.get("metal", {}).get("skipped", [])
+                  if s["type"] == "DetectionOutput"})
+    needed.update(_outputs(graph, drop))
+    net = _opencv(opencv_text(model, drop), Path(model.caffemodel))
+    values = _forward(graph, net, feed, needed, drop)
     del net
     # OpenCV computes a few layers wrongly (see _second_opinion); what follows such a layer
     # may read garbage, so rows downstream that disagree get no verdict
@@ -494,7 +498,7 @@ def verify(prototxt, caffemodel, out, *, image=None, seed: int = 0) -> Report:
     if concat is not None:
         report.layers.append(_check_priors(out, ssd, graph, values[concat.tops[0]]))
 
-    report.outputs = _end_to_end(model, manifest, out, feed, values)
+    report.outputs = _end_to_end(model, manifest, out, feed, values, drop)
     tainted = _downstream(graph, defects)
     for row in report.outputs:
         if row.name in tainted:
@@ -606,14 +610,22 @@ def _check_priors(out, ssd, graph, ref) -> Row:
     return row
 
 
-def _end_to_end(model, manifest, out, feed, v1) -> list[Row]:
+def _outputs(graph, drop=()) -> list[str]:
+    """The net's outputs, with the inputs of dropped layers standing in for theirs."""
+    gone = [l for l in graph.layers if l.type in drop]
+    tops = {t for l in gone for t in l.tops}
+    return [b for b in graph.outputs() if b not in tops] + [b for l in gone for b in l.bottoms]
+
+
+def _end_to_end(model, manifest, out, feed, v1, drop=()) -> list[Row]:
     merged_files = manifest.get("merged", {})
     proto, weights = out / merged_files["prototxt"], out / merged_files["caffemodel"]
     merged_model = read_prototxt(proto)
     g1, g2 = model.graph, merged_model.graph
-    outs1 = {g1.blob_names.get(b, b): b for b in g1.outputs()}
-    outs2 = {g2.blob_names.get(b, b): b for b in g2.outputs()}
-    v2 = _forward(g2, _opencv(merged_model.document.text, weights), feed, set(outs2.values()))
+    outs1 = {g1.blob_names.get(b, b): b for b in _outputs(g1, drop)}
+    outs2 = {g2.blob_names.get(b, b): b for b in _outputs(g2, drop)}
+    v2 = _forward(g2, _opencv(opencv_text(merged_model, drop), weights), feed,
+                  set(outs2.values()), drop)
     rows = []
     for name, b in outs1.items():
         producer = g1.producers()[b]

@@ -32,7 +32,7 @@ def _line_start(text: str, pos: int) -> int:
     return start if text[start:pos].strip() == "" else pos
 
 
-def _cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
+def cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
     """The block plus the whitespace before it on its line and its line end."""
     start = _line_start(text, f.start)
     m = re.compile(r"[ \t]*(\r?\n)?").match(text, f.end)
@@ -45,7 +45,7 @@ def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
     index = {l.name: l.index for l in model.graph.layers}
     folded = {index[n] for f in plan.folds for n in f.layers}
     for idx in sorted(folded | set(model.excluded_blocks)):
-        s, e = _cut_span(text, model.blocks[idx])
+        s, e = cut_span(text, model.blocks[idx])
         edits.append((s, e, ""))
     by_name = {l.name: l for l in merged.layers}
     newline = "\r\n" if "\r\n" in text else "\n"
@@ -87,5 +87,9 @@ def merged_layers(graph: Graph):
             yield ModelLayer(name=layer.name, type=layer.type, blobs=layer.blobs)
 
 
-def write_merged_caffemodel(path, graph: Graph) -> None:
-    write_caffemodel(path, merged_layers(graph), net_name=graph.name)
+def write_merged_caffemodel(path, graph: Graph, progress=None) -> int:
+    """Stream ``graph``'s blobs to ``path`` (no copy of any array); return the byte count.
+
+    ``progress(nbytes)`` is called as bytes are written (see ``write_caffemodel``).
+    """
+    return write_caffemodel(path, merged_layers(graph), net_name=graph.name, progress=progress)

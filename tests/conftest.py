@@ -34,12 +34,12 @@ def write_net(tmp_path: Path, text: str, name: str = "net") -> Path:
 
 
 def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path | None = None,
-                 adapt=lambda text: text):
+                 drop: tuple[str, ...] = ()):
     """Read ``proto``, give it deterministic weights, write them next to it; return (model, path)."""
     model = read_prototxt(proto)
     synth.init_weights(model, seed)
     if calibrate:
-        synth.calibrate(model, seed, adapt=adapt)
+        synth.calibrate(model, seed, drop=drop)
     path = out or proto.with_suffix(".caffemodel")
     write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
     return read_model(proto, path), path

@@ -646,7 +646,7 @@ def resize_input(text: str, h: int, w: int) -> str:
     return text
 
 
-def verify_real_architecture(tmp_path, name, size=None, calibrate=True):
+def verify_real_architecture(tmp_path, name, size=None, calibrate=True, drop=()):
     """Convert a shared model with synthetic weights (input resized to ``size``) and verify it."""
     from caffe2metal.verify import verify
     text = (MODELS / name / "deploy.prototxt").read_text()
@@ -657,7 +657,7 @@ def verify_real_architecture(tmp_path, name, size=None, calibrate=True):
     model = read_prototxt(proto)
     synth.init_weights(model, 0)
     if calibrate:
-        synth.calibrate(model, 0)
+        synth.calibrate(model, 0, drop=drop)
     weights = tmp_path / "deploy.caffemodel"
     write_merged_caffemodel(weights, model.graph)
     result = convert(proto, weights, tmp_path / "out")

@@ -6,10 +6,9 @@
   max|diff| / max|reference| <= 2e-4 on every net output (for SSD: on the
   inputs of DetectionOutput), OpenCV's own fusion off on both.
 
-OpenCV needs two adjustments that do not change what is computed: it ignores
-phase rules (so the reference is the TEST-phase text, which is our merged
-writer with an empty plan), and it calls the fork's DepthwiseConvolution
-"Convolution" (same blobs, same math).
+OpenCV is given `synth.opencv_text`: the TEST-phase text (OpenCV ignores phase
+rules) with the fork's DepthwiseConvolution called "Convolution" (same blobs,
+same math); that changes nothing that is computed.
 """
 from __future__ import annotations
 
@@ -44,35 +43,15 @@ DROP_DETECTION_OUTPUT = {"faceboxes"}
 INPUT_SIZE = {"mobilenetv2_ssdlite": 420}
 
 
-def _opencv_text(text: str) -> str:
-    return text.replace('"DepthwiseConvolution"', '"Convolution"')
-
-
-def _for_opencv(model_name):
-    def adapt(text):
-        if model_name in DROP_DETECTION_OUTPUT:
-            text = _drop_type(text, "DetectionOutput")
-        return _opencv_text(text)
-    return adapt
+def _drop(model_name):
+    return ("DetectionOutput",) if model_name in DROP_DETECTION_OUTPUT else ()
 
 
 def _runnable_copy(model, tmp_path, name, model_name):
-    """The TEST-phase prototxt as OpenCV needs it."""
-    text = merged_prototxt(model, model.graph, fold.Plan())
+    """The TEST-phase prototxt as OpenCV needs it (see synth.opencv_text)."""
     p = tmp_path / f"{name}.prototxt"
-    p.write_text(_for_opencv(model_name)(text))
+    p.write_text(synth.opencv_text(model, _drop(model_name)))
     return p
-
-
-def _drop_type(text, layer_type):
-    from caffe2metal import textproto
-    doc = textproto.parse(text)
-    blocks = [f for f in doc.fields if f.name in ("layer", "layers")]
-    for b in reversed(blocks):
-        t = b.get("type")
-        if t and textproto.unquote(t[0].value) == layer_type:
-            text = text[:b.start] + text[b.end:]
-    return text
 
 
 def _prepare(path, tmp_path, calibrate=True):
@@ -82,7 +61,7 @@ def _prepare(path, tmp_path, calibrate=True):
     if model_id(path) in INPUT_SIZE:
         text = text.replace("dim: 300", f"dim: {INPUT_SIZE[model_id(path)]}")
     (d / "deploy.prototxt").write_text(text)
-    return with_weights(d / "deploy.prototxt", calibrate=calibrate, adapt=_for_opencv(d.name))
+    return with_weights(d / "deploy.prototxt", calibrate=calibrate, drop=_drop(d.name))
 
 
 @pytest.mark.parametrize("path", MODELS, ids=model_id)

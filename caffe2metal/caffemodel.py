@@ -88,9 +88,20 @@ message built with ``caffe_pb2``: 1 ``name`` (if given), then per layer 100
 ``layer`` {1 ``name``, 2 ``type``, 7 ``blobs`` {5 ``data`` packed
 little-endian float32 (omitted when empty), 7 ``shape`` {1 ``dim`` packed}}}.
 Message sizes are computed arithmetically and each array's bytes are written
-straight from its numpy buffer: no per-float Python work, never the whole file
-in memory.  float64/float16 arrays are cast to float32 once (a finite value
-that overflows float32 is an error); big-endian input is byteswapped.
+straight from its numpy buffer (blobs up to 64 KiB are gathered with their
+framing into one buffer first, to save system calls): no per-float Python
+work, never the whole file in memory, and layers pulled from the iterable one
+at a time.  float64/float16 arrays are cast to float32 once (a finite value
+that overflows float32 is an error); big-endian input is byteswapped.  An
+optional ``progress(nbytes)`` callback sees every byte written.
+
+Memory
+------
+Pages of the mapping that have been read stay resident (and count in the
+process's RSS) while the mapping lives.  :func:`release` gives back the pages
+behind arrays that have been consumed (the arrays stay valid), so a pipeline
+that turns every blob into a new one can keep one copy of the model in memory
+instead of two.
 """
 from __future__ import annotations
 
@@ -98,10 +109,9 @@ import math
 import mmap
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -114,6 +124,7 @@ __all__ = [
     "read_caffemodel",
     "parse_caffemodel",
     "write_caffemodel",
+    "release",
 ]
 
 # V1LayerParameter.LayerType number -> modern type string.  Numbers from
@@ -554,6 +565,57 @@ def read_caffemodel(path) -> CaffeModel:
     return _Parser(buf, path).parse()
 
 
+def _mapping(array):
+    """The mmap a read-only caffemodel array is a view of, or None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def release(*arrays) -> int:
+    """Give back the memory pages behind caffemodel arrays once they are consumed.
+
+    Blobs from :func:`read_caffemodel` are views of a read-only file mapping:
+    every page read stays in the process (and counts in its RSS) as long as
+    the mapping lives, so a pipeline that reads all weights and writes new
+    ones peaks at twice the model.  ``release(blob)`` drops the pages that
+    hold ``blob`` from the process (``madvise(MADV_DONTNEED)``); the array
+    stays valid and any later read brings the pages back from the page cache
+    or the file.  Pages shared with neighbouring blobs are dropped too (they
+    come back the same way).
+
+    Arrays that are not views of a mapping (copies, blobs parsed from bytes,
+    non-packed data) are ignored, as is everything on platforms without
+    ``madvise``.  Returns the number of bytes advised.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return 0
+    done = 0
+    for array in arrays:
+        array = np.asarray(array)
+        mm = _mapping(array)
+        if mm is None or array.nbytes == 0 or not array.flags.c_contiguous:
+            continue
+        origin = np.frombuffer(mm, np.uint8, 1).__array_interface__["data"][0]
+        start = array.__array_interface__["data"][0] - origin
+        end = start + array.nbytes
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        hi = min(len(mm), -(-end // page) * page)
+        if not 0 <= lo < hi:
+            continue
+        try:
+            mm.madvise(advice, lo, hi - lo)
+        except (OSError, ValueError):
+            continue                        # advice only: never an error
+        done += hi - lo
+    return done
+
+
 # ---------------------------------------------------------------------------
 # writer
 
@@ -595,12 +657,31 @@ def _prepare_blob(blob, label: str, layer: str, index: int):
     return data.reshape(-1), dims
 
 
-def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str) -> int:
+_WRITE_CHUNK = 1 << 26      # big blobs are written in pieces of 64 MiB (progress granularity)
+_SMALL_BLOB = 1 << 16       # blobs up to 64 KiB are copied into the frame buffer
+_FRAME_BUFFER = 1 << 20     # which is flushed once it holds 1 MiB
+
+
+def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str,
+                  progress: Callable[[int], object] | None = None) -> int:
     total = 0
     out = bytearray()
-    if net_name:
-        out += _string_field(b"\x0a", net_name)
-    for index, layer in enumerate(layers):
+
+    def advance(n: int) -> None:
+        nonlocal total
+        total += n
+        if progress is not None:
+            progress(n)
+
+    def flush() -> None:
+        if out:
+            f.write(out)
+            advance(len(out))
+            out.clear()
+
+    def write_layer(index: int, layer) -> None:
+        # a function, so that this layer's arrays are unreferenced once it returns
+        # (while the caller's generator builds the next layer)
         try:
             name, type_, blobs = layer.name, layer.type, list(layer.blobs)
         except AttributeError:
@@ -625,23 +706,37 @@ def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str) -> i
         if total + len(out) + layer_bytes > PROTO_BYTES_LIMIT:
             raise ExportError(f"the caffemodel would exceed {PROTO_BYTES_LIMIT} bytes, the "
                               "most Caffe and OpenCV can read", file=label, layer=name)
-        out += b"\xa2\x06" + _varint_bytes(size) + head
+        out.extend(b"\xa2\x06" + _varint_bytes(size) + head)
         for data, nbytes, shape_msg, blob_size in parts:
-            out += b"\x3a" + _varint_bytes(blob_size)
+            out.extend(b"\x3a" + _varint_bytes(blob_size))
             if nbytes:
-                out += b"\x2a" + _varint_bytes(nbytes)
-                f.write(out)
-                total += len(out)
-                out.clear()
-                f.write(memoryview(data).cast("B"))
-                total += nbytes
-            out += b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg
-    f.write(out)
-    total += len(out)
+                out.extend(b"\x2a" + _varint_bytes(nbytes))
+                raw = memoryview(data).cast("B")
+                if nbytes <= _SMALL_BLOB:          # copied into the frame buffer: fewer writes
+                    out.extend(raw)
+                else:                              # written straight from the array
+                    flush()
+                    for start in range(0, nbytes, _WRITE_CHUNK):
+                        piece = raw[start:start + _WRITE_CHUNK]
+                        f.write(piece)
+                        advance(len(piece))
+            out.extend(b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg)
+            if len(out) >= _FRAME_BUFFER:
+                flush()
+
+    if net_name:
+        out += _string_field(b"\x0a", net_name)
+    index = 0
+    for layer in layers:            # (not enumerate: its cached tuple would keep the layer)
+        write_layer(index, layer)
+        del layer
+        index += 1
+    flush()
     return total
 
 
-def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "") -> int:
+def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,
+                     progress: Callable[[int], object] | None = None) -> int:
     """Write ``layers`` as a modern binary caffemodel; return the byte count.
 
     ``layers`` may be any iterable (a generator is consumed once) of objects
@@ -651,13 +746,19 @@ def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "") -> i
     the target when complete (so a failed write leaves no partial file and
     overwriting a file that is still memory-mapped is safe); a binary file
     object is written to directly, starting at its current position.
+
+    ``progress``, if given, is called with the number of bytes just written,
+    every 64 MiB at most (for a progress bar).  Layers are pulled from
+    ``layers`` one at a time and each blob is written straight from its
+    buffer, so a generator that builds one layer at a time keeps only that
+    layer in memory.
     """
     if hasattr(path_or_fileobj, "write"):
         label = str(getattr(path_or_fileobj, "name", "<stream>"))
-        return _write_stream(path_or_fileobj, layers, net_name, label)
+        return _write_stream(path_or_fileobj, layers, net_name, label, progress)
     path = os.fspath(path_or_fileobj)
     directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                      0o666)
@@ -666,7 +767,7 @@ def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "") -> i
                           file=path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            written = _write_stream(f, layers, net_name, path)
+            written = _write_stream(f, layers, net_name, path, progress)
         os.replace(tmp, path)
     except OSError as err:
         _unlink_quietly(tmp)

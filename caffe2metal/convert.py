@@ -8,11 +8,16 @@ The pipeline, in order:
 5. ``metal`` (optional)       .dat weights in MPS layout + manifest layer entries
 6. ``manifest.json``          the contract for everything written
 Everything is written to a sibling of OUT that replaces OUT only on success.
+
+Conversions of big models (a caffemodel of 64 MiB or more) show a progress bar
+on stderr when stderr is a terminal, and are quiet otherwise; tqdm is imported
+only then.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from .reader import Model, read_model
 from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
 
 FORMAT, VERSION = "caffe2metal", 1
+PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
 
 
 @dataclass
@@ -47,9 +53,23 @@ def default_out(prototxt: str | os.PathLike) -> Path:
 
 
 def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: str = "float32",
-            naming: str = "apple") -> Result:
+            naming: str = "apple", progress: bool | None = None) -> Result:
+    """Run the pipeline (see the module doc) and return what was written.
+
+    ``progress``: True/False force the stderr progress bar on/off; None (the
+    default) shows it for big caffemodels when stderr is a terminal.
+    """
     caffemodel = caffemodel or default_weights(prototxt)
     out = Path(out) if out else default_out(prototxt)
+    bar = _Progress(caffemodel, steps=3 if metal else 2, enabled=progress)
+    try:
+        return _convert(prototxt, caffemodel, out, metal, dtype, naming, bar)
+    finally:
+        bar.close()
+
+
+def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
+    bar.stage("reading and folding")
     model = read_model(prototxt, caffemodel)
     graph = model.graph
     the_plan = fold.plan(graph)
@@ -72,14 +92,69 @@ def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: s
     }
     with atomic_directory(out) as tmp:
         write_prototxt(tmp / names["prototxt"], text)
-        write_merged_caffemodel(tmp / names["caffemodel"], merged)
+        bar.stage("writing the merged caffemodel")
+        write_merged_caffemodel(tmp / names["caffemodel"], merged, progress=bar.advance)
         if metal:
+            bar.stage("writing Metal weights")
             from .metal import export
             manifest.update(export(model, merged, the_plan, tmp, dtype=dtype, naming=naming))
+        bar.stage("finishing")
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
     return Result(out=out, manifest=manifest, model=model, plan=the_plan)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _Progress:
+    """A tqdm bar on stderr counting the bytes of weights handled, one caffemodel's
+    size per step (read + fold, merged caffemodel, Metal weights).  Disabled (every
+    method a no-op, tqdm not imported) unless asked for or, by default, unless the
+    caffemodel is big and stderr is a terminal."""
+
+    def __init__(self, caffemodel, steps: int, enabled: bool | None = None):
+        self.bar = None
+        self.step = -1
+        try:
+            self.size = max(1, os.stat(caffemodel).st_size)
+        except OSError:
+            self.size = 1                       # read_model reports the real problem
+        if enabled is None:
+            enabled = self.size >= PROGRESS_MIN_BYTES and _isatty(sys.stderr)
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.size * steps, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr, leave=False,
+                            dynamic_ncols=True, desc="caffe2metal")
+
+    def stage(self, description: str) -> None:
+        """Start the next step: the bar jumps to the end of the previous one."""
+        self.step += 1
+        if self.bar is not None:
+            self.bar.set_description(description, refresh=False)
+            self._goto(self.step * self.size)
+            self.bar.refresh()                  # show the new stage now, whatever mininterval
+
+    def advance(self, nbytes: int) -> None:
+        """Progress within the current step (never past its end)."""
+        if self.bar is not None:
+            self._goto(min(self.bar.n + nbytes, (self.step + 1) * self.size))
+
+    def _goto(self, n: int) -> None:
+        n = min(n, self.bar.total)
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def report(result: Result) -> str:

@@ -1,0 +1,508 @@
+"""`make bench`: how fast `convert` is, against the disk, in one run.
+
+``python -m caffe2metal.bench [--runs N] [--dir build/bench]``
+
+1. Builds, once, under ``build/bench/`` (reused while the generator version
+   and the configuration match its stamp file):
+
+   * ``vgg16_bn``: VGG16 with BatchNorm+Scale+ReLU after each of the 13
+     convolutions and after fc6/fc7 (224x224 input, 1000 classes, ~553 MB of
+     float32 weights).  Deterministic weights, one ``numpy`` generator per
+     layer, written by :func:`caffemodel.write_caffemodel` straight from the
+     arrays.  BatchNorm blobs look like a trained snapshot: ``mean*s``,
+     ``var*s`` (var > 0) and ``s = 999.982``.
+   * ``mobilenet_ssd``: the real chuanqi305 MobileNet-SSD architecture from
+     ``../shared/models/mobilenet_ssd/deploy.prototxt`` (~23 MB), or, without
+     that folder, the built-in example at full width; weights from
+     :func:`synth.init_weights` (no calibration: only speed is measured).
+
+2. Times, each in a fresh subprocess started after ``sync`` (no write-back of
+   an earlier run during this one), with byte code cached as for an installed
+   package, the median of ``--runs`` (default 3):
+
+   * the I/O floor: read the VGG caffemodel once into memory and write its
+     bytes to two files (no fsync), timed inside the process (the I/O alone);
+     one untimed run first warms the page cache;
+   * ``caffe2metal convert vgg16_bn.prototxt`` (merged caffemodel + Metal
+     float32): wall time, interpreter start included, and peak RSS (``wait4``).
+     Floor and convert runs alternate, so a ratio compares runs made under the
+     same machine load;
+   * ``caffe2metal convert mobilenet_ssd.prototxt``: wall time, interpreter
+     start included (after one untimed run).
+
+   Wall times on a busy machine drift: the load average at the start and every
+   run's wall and CPU seconds are printed under the table.
+
+3. Prints a table (figure, value, target, ratio, PASS/MISS) and writes it as
+   Markdown to ``build/bench/latest.md`` for the README.  The exit status is 0
+   whatever the figures (this is a report, not a test), 1 if a conversion
+   failed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+GENERATOR_VERSION = 1
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+DEFAULT_DIR = ROOT / "build" / "bench"
+
+VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+BN_SCALE_FACTOR = 999.982          # what Caffe's moving-average factor converges to
+
+# targets of issue 5
+VGG_TIME_RATIO = 2.0               # convert wall <= 2x the I/O floor
+VGG_RSS_RATIO = 1.5                # peak RSS <= 1.5x the caffemodel's size
+MOBILENET_SECONDS = 0.35           # convert wall, interpreter start included
+
+
+# ---------------------------------------------------------------- VGG16-BN
+
+@dataclass(frozen=True)
+class VGGConfig:
+    """VGG16-BN and smaller variants of it (the tests build a tiny one)."""
+    width: float = 1.0             # multiplies every convolution's channel count
+    size: int = 224                # input height = width (a multiple of 32)
+    fc: int = 4096                 # fc6/fc7 outputs
+    classes: int = 1000            # fc8 outputs
+    seed: int = 0
+    name: str = "vgg16_bn"
+
+
+TINY_VGG = VGGConfig(width=1 / 16, size=32, fc=32, classes=10, name="vgg_tiny")
+
+
+def _channels(config: VGGConfig, c: int) -> int:
+    return max(1, int(round(c * config.width)))
+
+
+def _layer(name: str, type_: str, bottom: str, top: str, body: str = "") -> str:
+    body = f"\n  {body}" if body else ""
+    return (f'layer {{\n  name: "{name}"\n  type: "{type_}"\n  bottom: "{bottom}"\n'
+            f'  top: "{top}"{body}\n}}\n')
+
+
+def _bn_scale_relu(name: str, top: str) -> str:
+    return (_layer(f"{name}/bn", "BatchNorm", top, top,
+                   "batch_norm_param { use_global_stats: true eps: 1e-5 }")
+            + _layer(f"{name}/scale", "Scale", top, top, "scale_param { bias_term: true }")
+            + _layer(f"{name}/relu", "ReLU", top, top))
+
+
+def vgg_prototxt(config: VGGConfig = VGGConfig()) -> str:
+    """The deploy prototxt: 13 conv+BN+Scale+ReLU, 5 max pools, fc6/fc7 with
+    BN+Scale+ReLU, fc8, softmax."""
+    if config.size % 32:
+        raise ValueError("the input size must be a multiple of 32 (five 2x2 pools)")
+    parts = [f'name: "{config.name}"\ninput: "data"\n'
+             f"input_shape {{ dim: 1 dim: 3 dim: {config.size} dim: {config.size} }}\n"]
+    x = "data"
+    for b, (c, n) in enumerate(VGG_BLOCKS, start=1):
+        for i in range(1, n + 1):
+            name = f"conv{b}_{i}"
+            parts.append(_layer(name, "Convolution", x, name,
+                                f"convolution_param {{ num_output: {_channels(config, c)} "
+                                "pad: 1 kernel_size: 3 }"))
+            parts.append(_bn_scale_relu(name, name))
+            x = name
+        parts.append(_layer(f"pool{b}", "Pooling", x, f"pool{b}",
+                            "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"))
+        x = f"pool{b}"
+    for name, out in (("fc6", config.fc), ("fc7", config.fc)):
+        parts.append(_layer(name, "InnerProduct", x, name,
+                            f"inner_product_param {{ num_output: {out} }}"))
+        parts.append(_bn_scale_relu(name, name))
+        x = name
+    parts.append(_layer("fc8", "InnerProduct", x, "fc8",
+                        f"inner_product_param {{ num_output: {config.classes} }}"))
+    parts.append(_layer("prob", "Softmax", "fc8", "prob"))
+    return "".join(parts)
+
+
+@dataclass
+class _Blobs:
+    name: str
+    type: str
+    blobs: list
+
+
+def _vgg_layers(config: VGGConfig):
+    """(name, type, blobs) of every layer with weights, in order; one layer's
+    arrays alive at a time, all float32, every layer from its own generator."""
+    f32 = np.float32
+    index = 0
+
+    def rng():
+        nonlocal index
+        index += 1
+        return np.random.default_rng([config.seed, index])
+
+    def weights(shape, fan_in, r):
+        w = r.standard_normal(shape, dtype=f32)
+        w *= f32(math.sqrt(2.0 / fan_in))
+        return w
+
+    def producer(name, type_, shape, fan_in):
+        r = rng()
+        out = shape[0]
+        return _Blobs(name, type_, [weights(shape, fan_in, r),
+                                    (r.standard_normal(out, dtype=f32) * f32(0.01))])
+
+    def bn_scale(name, c):
+        r = rng()
+        s = f32(BN_SCALE_FACTOR)
+        mean = r.standard_normal(c, dtype=f32) * f32(0.5)
+        var = r.uniform(0.05, 2.0, c).astype(f32)
+        yield _Blobs(f"{name}/bn", "BatchNorm", [mean * s, var * s, np.array([s], f32)])
+        yield _Blobs(f"{name}/scale", "Scale", [r.uniform(0.5, 1.5, c).astype(f32),
+                                                (r.standard_normal(c, dtype=f32) * f32(0.1))])
+
+    cin, size = 3, config.size
+    for b, (c, n) in enumerate(VGG_BLOCKS, start=1):
+        for i in range(1, n + 1):
+            name, cout = f"conv{b}_{i}", _channels(config, c)
+            yield producer(name, "Convolution", (cout, cin, 3, 3), cin * 9)
+            yield from bn_scale(name, cout)
+            cin = cout
+        size //= 2
+    k = cin * size * size
+    for name, out in (("fc6", config.fc), ("fc7", config.fc)):
+        yield producer(name, "InnerProduct", (out, k), k)
+        yield from bn_scale(name, out)
+        k = out
+    yield producer("fc8", "InnerProduct", (config.classes, k), k)
+
+
+def write_vgg(directory, config: VGGConfig = VGGConfig()) -> tuple[Path, Path]:
+    """Write ``<name>.prototxt`` and ``<name>.caffemodel`` into ``directory``."""
+    from .caffemodel import write_caffemodel
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    proto, weights = d / f"{config.name}.prototxt", d / f"{config.name}.caffemodel"
+    proto.write_text(vgg_prototxt(config))
+    write_caffemodel(weights, _vgg_layers(config), net_name=config.name)
+    return proto, weights
+
+
+# ---------------------------------------------------------------- MobileNet-SSD
+
+def mobilenet_source() -> tuple[str, str]:
+    """(prototxt text, where it comes from): the real architecture if the shared
+    models are there, else the built-in example at full width."""
+    real = SHARED_MODELS / "mobilenet_ssd" / "deploy.prototxt"
+    if real.is_file():
+        return real.read_text(encoding="utf-8"), str(real)
+    from . import example
+    saved = example.WIDTH
+    example.WIDTH = 1.0
+    try:
+        return example.prototxt(), "caffe2metal.example at width 1.0"
+    finally:
+        example.WIDTH = saved
+
+
+def write_mobilenet(directory, text: str, name: str = "mobilenet_ssd",
+                    seed: int = 0) -> tuple[Path, Path]:
+    from . import synth
+    from .caffemodel import write_caffemodel
+    from .reader import read_prototxt
+    from .write_caffe import merged_layers
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    proto, weights = d / f"{name}.prototxt", d / f"{name}.caffemodel"
+    proto.write_text(text, encoding="utf-8")
+    model = read_prototxt(proto)
+    synth.init_weights(model, seed)
+    write_caffemodel(weights, merged_layers(model.graph), net_name=model.graph.name)
+    return proto, weights
+
+
+# ---------------------------------------------------------------- build once
+
+def _cached(directory: Path, name: str, stamp: dict, build) -> tuple[Path, Path]:
+    proto, weights = directory / f"{name}.prototxt", directory / f"{name}.caffemodel"
+    stamp_file = directory / f"{name}.json"
+    try:
+        old = json.loads(stamp_file.read_text())
+        if (old.get("stamp") == stamp and proto.is_file()
+                and weights.stat().st_size == old.get("caffemodel_bytes")):
+            return proto, weights
+    except (OSError, ValueError):
+        pass
+    stamp_file.unlink(missing_ok=True)
+    print(f"bench: building {weights} ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    build()
+    print(f"bench: built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    stamp_file.write_text(json.dumps({"stamp": stamp,
+                                      "caffemodel_bytes": weights.stat().st_size}) + "\n")
+    return proto, weights
+
+
+def prepare(directory: Path, vgg: VGGConfig = VGGConfig()) -> dict:
+    """Build (or reuse) both models under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    models: dict = {"vgg": _cached(directory, vgg.name,
+                             {"generator": GENERATOR_VERSION, "config": asdict(vgg)},
+                             lambda: write_vgg(directory, vgg))}
+    text, source = mobilenet_source()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    models["mobilenet"] = _cached(directory, "mobilenet_ssd",
+                                  {"generator": GENERATOR_VERSION, "source": source,
+                                   "sha256": digest},
+                                  lambda: write_mobilenet(directory, text))
+    models["mobilenet_source"] = source
+    models["vgg_label"] = "VGG16-BN" if vgg == VGGConfig() else vgg.name
+    return models
+
+
+# ---------------------------------------------------------------- timing
+
+_FLOOR = """
+import os, sys, time
+src, *dst = sys.argv[1:]
+t = time.perf_counter()
+with open(src, "rb") as f:
+    data = f.read()
+for p in dst:
+    with open(p, "wb") as f:
+        f.write(data)
+print(time.perf_counter() - t)
+"""
+
+
+@dataclass
+class Run:
+    wall: float                    # seconds, process start to exit
+    cpu: float                     # user + system seconds of the process
+    rss: int                       # peak resident set size, bytes
+    stdout: str
+
+
+class ConversionFailed(RuntimeError):
+    pass
+
+
+def run(cmd: list[str], env=None) -> Run:
+    """Run ``cmd`` in a fresh process; wall time and the child's own peak RSS."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)     # this child's rusage, not all children's
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if p.returncode:
+        raise ConversionFailed(f"{' '.join(map(str, cmd))} exited with {p.returncode}:\n"
+                               f"{stderr.decode(errors='replace')}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return Run(wall, usage.ru_utime + usage.ru_stime, rss, stdout.decode(errors="replace"))
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("caffe2metal")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "caffe2metal"]
+
+
+def _median(runs: list[Run], key) -> float:
+    return statistics.median(key(r) for r in runs)
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str
+    ratio: float | None
+    ok: bool | None
+
+
+def child_env(directory: Path) -> dict:
+    """The environment of the timed processes: byte-code caching on (as for an
+    installed package; kept under ``directory`` so the source tree stays clean)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME")}
+    env["PYTHONPYCACHEPREFIX"] = str(directory / "pycache")
+    return env
+
+
+def _timed(cmd: list[str], env: dict) -> Run:
+    os.sync()                      # no write-back of the previous run during this one
+    return run(cmd, env)
+
+
+def measure(models: dict, directory: Path, runs: int = 3) -> tuple[list[Row], dict]:
+    vgg_proto, vgg_weights = models["vgg"]
+    mn_proto, mn_weights = models["mobilenet"]
+    tmp = directory / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dst = [tmp / "copy_a.caffemodel", tmp / "copy_b.caffemodel"]
+    size = vgg_weights.stat().st_size
+    env = child_env(directory)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    cli = _cli()
+    floor_cmd = [sys.executable, "-c", _FLOOR, str(vgg_weights), *map(str, dst)]
+    vgg_cmd = cli + ["convert", str(vgg_proto), str(vgg_weights), "-o", str(directory / "out_vgg")]
+    mn_cmd = cli + ["convert", str(mn_proto), str(mn_weights), "-o",
+                    str(directory / "out_mobilenet_ssd")]
+
+    def floor_run() -> Run:
+        for p in dst:
+            p.unlink(missing_ok=True)
+        return _timed(floor_cmd, env)
+
+    # The I/O floor first, untimed: it brings the caffemodel into the page cache.  Then
+    # rounds of (floor, VGG convert), so that both figures of a ratio see the same
+    # machine (other load drifts over a minute; interleaving keeps the ratio honest).
+    floor_run()
+    floor_runs, vgg_runs = [], []
+    for _ in range(runs):
+        floor_runs.append(floor_run())
+        vgg_runs.append(_timed(vgg_cmd, env))
+    floor_io = [float(r.stdout.strip()) for r in floor_runs]
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # MobileNet-SSD, after one untimed run (byte code, shared libraries)
+    _timed(mn_cmd, env)
+    mn_runs = [_timed(mn_cmd, env) for _ in range(runs)]
+
+    floor = statistics.median(floor_io)          # the I/O alone, without interpreter start
+    vgg_wall = _median(vgg_runs, lambda r: r.wall)
+    vgg_rss = _median(vgg_runs, lambda r: r.rss)
+    mn_wall = _median(mn_runs, lambda r: r.wall)
+    mb = 1 << 20
+    label = models["vgg_label"]
+    rows = [
+        Row(f"I/O floor: read the {label} caffemodel once, write its bytes twice",
+            f"{floor:.3f} s", "reference", None, None),
+        Row(f"{label} `convert` wall (merged caffemodel + Metal float32)",
+            f"{vgg_wall:.3f} s", f"<= {VGG_TIME_RATIO:g}x floor ({VGG_TIME_RATIO * floor:.3f} s)",
+            vgg_wall / floor, vgg_wall <= VGG_TIME_RATIO * floor),
+        Row(f"{label} `convert` peak RSS",
+            f"{vgg_rss / mb:.0f} MiB", f"<= {VGG_RSS_RATIO:g}x caffemodel "
+            f"({VGG_RSS_RATIO * size / mb:.0f} MiB)", vgg_rss / size,
+            vgg_rss <= VGG_RSS_RATIO * size),
+        Row("MobileNet-SSD `convert` wall (interpreter start included)",
+            f"{mn_wall:.3f} s", f"<= {MOBILENET_SECONDS:g} s", mn_wall / MOBILENET_SECONDS,
+            mn_wall <= MOBILENET_SECONDS),
+    ]
+    info = {
+        "vgg_caffemodel_bytes": size,
+        "mobilenet_caffemodel_bytes": mn_weights.stat().st_size,
+        "mobilenet_source": models["mobilenet_source"],
+        "runs": runs,
+        "load": load,
+        "floor_io_only": statistics.median(floor_io),
+        "floor": [(r.wall, r.cpu) for r in floor_runs],
+        "vgg": [(r.wall, r.cpu, r.rss) for r in vgg_runs],
+        "mobilenet": [(r.wall, r.cpu) for r in mn_runs],
+    }
+    return rows, info
+
+
+# ---------------------------------------------------------------- report
+
+def _ratio(row: Row) -> str:
+    return "" if row.ratio is None else f"{row.ratio:.2f}x"
+
+
+def _verdict(row: Row) -> str:
+    return "" if row.ok is None else ("PASS" if row.ok else "MISS")
+
+
+def render_text(rows: list[Row]) -> str:
+    head = ("figure", "value", "target", "ratio", "")
+    table = [head] + [(r.figure, r.value, r.target, _ratio(r), _verdict(r)) for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import numpy
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, numpy {numpy.__version__}")
+
+
+def details(info: dict) -> list[str]:
+    """Every run, for judging the noise: wall (cpu) seconds, peak RSS."""
+    def runs(pairs):
+        return ", ".join(f"{w:.3f} ({c:.2f})" for w, c, *_ in pairs)
+    mb = 1 << 20
+    load = "" if info["load"] is None else f"; load average at start {info['load']:.2f}"
+    return [
+        f"VGG16-BN caffemodel {info['vgg_caffemodel_bytes'] / mb:.0f} MiB; MobileNet-SSD "
+        f"caffemodel {info['mobilenet_caffemodel_bytes'] / mb:.1f} MiB "
+        f"({info['mobilenet_source']}){load}.",
+        f"Runs, wall s (cpu s): floor process {runs(info['floor'])} (I/O alone, the "
+        f"reference: {info['floor_io_only']:.3f} s); VGG16-BN {runs(info['vgg'])}, peak RSS "
+        + ", ".join(f"{r / mb:.0f}" for *_, r in info["vgg"]) + " MiB; MobileNet-SSD "
+        f"{runs(info['mobilenet'])}.",
+    ]
+
+
+def render_markdown(rows: list[Row], info: dict) -> str:
+    out = [f"Latest `make bench` ({datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
+           f"{_machine()}): median of {info['runs']} runs, each in a fresh process, warm page "
+           "cache, `sync` before each run.", "",
+           "| figure | value | target | ratio | |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r.figure} | {r.value} | {r.target} | {_ratio(r)} | {_verdict(r)} |")
+    out += [""] + details(info) + [""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m caffe2metal.bench",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help="work directory (default: build/bench)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure, median reported")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny VGG instead of VGG16-BN: checks the bench itself, the "
+                         "figures mean nothing")
+    args = ap.parse_args(argv)
+    directory = args.dir.resolve()
+    models = prepare(directory, TINY_VGG if args.tiny else VGGConfig())
+    try:
+        rows, info = measure(models, directory, max(1, args.runs))
+    except ConversionFailed as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    print(render_text(rows))
+    print()
+    print("\n".join(details(info)))
+    (directory / "latest.md").write_text(render_markdown(rows, info))
+    print(f"\nwrote {directory / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""`make bench` machinery and the speed-related guarantees of the convert path.
+
+No timing assertions here: the figures are a report (`make bench`), these
+tests check that the bench builds what it says, that its VGG converts and
+folds every BatchNorm, that the convert path stays lean (no OpenCV, no tqdm
+when stderr is not a terminal), and the streaming/page-release helpers.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe2metal import bench, caffemodel, example
+from caffe2metal.caffemodel import read_caffemodel, release, write_caffemodel
+from caffe2metal.convert import _Progress, convert
+from caffe2metal.reader import read_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vgg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vgg")
+    return bench.write_vgg(d, bench.TINY_VGG)
+
+
+# ---------------------------------------------------------------- the generator
+
+def test_generator_is_deterministic(tmp_path, tiny_vgg):
+    proto, weights = bench.write_vgg(tmp_path, bench.TINY_VGG)
+    assert proto.read_bytes() == tiny_vgg[0].read_bytes()
+    assert weights.read_bytes() == tiny_vgg[1].read_bytes()
+    other = bench.write_vgg(tmp_path / "seed1", bench.VGGConfig(**{**bench.TINY_VGG.__dict__,
+                                                                   "seed": 1}))
+    assert other[1].read_bytes() != weights.read_bytes()
+
+
+def test_vgg_architecture(tiny_vgg):
+    model = read_model(*tiny_vgg)
+    layers = model.graph.layers
+    types = [l.type for l in layers]
+    assert types.count("Convolution") == 13
+    assert types.count("Pooling") == 5
+    assert types.count("InnerProduct") == 3
+    assert types.count("BatchNorm") == types.count("Scale") == 15
+    assert types[-1] == "Softmax"
+    c = bench.TINY_VGG
+    fc6 = model.graph.layer("fc6")
+    assert fc6.blobs[0].shape == (c.fc, bench._channels(c, 512) * (c.size // 32) ** 2)
+    assert model.shapes.blobs[model.graph.layer("prob").tops[0]] == (1, c.classes)
+    for bn in (l for l in layers if l.type == "BatchNorm"):
+        mean_s, var_s, s = bn.blobs
+        assert s.shape == (1,) and s[0] == np.float32(bench.BN_SCALE_FACTOR)
+        assert (var_s > 0).all() and mean_s.dtype == np.float32
+
+
+def test_full_vgg_prototxt_has_the_vgg16_shapes():
+    from caffe2metal.reader import read_prototxt
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "vgg16_bn.prototxt"
+        p.write_text(bench.vgg_prototxt())
+        model = read_prototxt(p)
+    params = model.shapes.params
+    assert tuple(params["conv1_1"][0]) == (64, 3, 3, 3)
+    assert tuple(params["conv5_3"][0]) == (512, 512, 3, 3)
+    assert tuple(params["fc6"][0]) == (4096, 25088)
+    assert tuple(params["fc7"][0]) == (4096, 4096)
+    assert tuple(params["fc8"][0]) == (1000, 4096)
+    n = sum(int(np.prod(s)) for shapes in params.values() if shapes for s in shapes)
+    assert 138_000_000 < n < 139_000_000           # VGG16's 138.4 M weights + BN/Scale
+
+
+def test_vgg_converts_and_folds_every_batchnorm(tiny_vgg, tmp_path):
+    proto, weights = tiny_vgg
+    result = convert(proto, weights, tmp_path / "out")
+    m = result.manifest
+    assert len(m["folds"]) == 15 and m["kept"] == []
+    assert {f["producer"] for f in m["folds"]} == (
+        {f"conv{b}_{i}" for b, (_, n) in enumerate(bench.VGG_BLOCKS, 1) for i in range(1, n + 1)}
+        | {"fc6", "fc7"})
+    merged_text = (tmp_path / "out" / m["merged"]["prototxt"]).read_text()
+    assert "BatchNorm" not in merged_text and '"Scale"' not in merged_text
+    merged = read_caffemodel(tmp_path / "out" / m["merged"]["caffemodel"])
+    assert {l.type for l in merged} == {"Convolution", "InnerProduct"}
+    # fc6 folded with the documented formula (float64, cast once)
+    src = read_model(proto, weights).graph
+    w, b = (src.layer("fc6").blobs[i].astype(np.float64) for i in (0, 1))
+    mean_s, var_s, s = (x.astype(np.float64) for x in src.layer("fc6/bn").blobs)
+    gamma, beta = (x.astype(np.float64) for x in src.layer("fc6/scale").blobs)
+    k = 1 / np.sqrt(var_s / s[0] + 1e-5) * gamma
+    c = (-mean_s / s[0]) / np.sqrt(var_s / s[0] + 1e-5) * gamma + beta
+    got = merged.by_name()["fc6"].blobs
+    np.testing.assert_array_equal(got[0], (w * k[:, None]).astype(np.float32))
+    np.testing.assert_array_equal(got[1], (b * k + c).astype(np.float32))
+    assert len(m["layers"]) == 16                  # 13 conv + fc6/fc7/fc8 in Metal
+
+
+# ---------------------------------------------------------------- bench plumbing
+
+def test_models_are_built_once_and_rebuilt_when_the_stamp_changes(tmp_path, monkeypatch):
+    calls = []
+
+    def build():
+        calls.append(1)
+        (tmp_path / "m.prototxt").write_text("x")
+        (tmp_path / "m.caffemodel").write_bytes(b"y" * len(calls))
+
+    bench._cached(tmp_path, "m", {"generator": 1}, build)
+    bench._cached(tmp_path, "m", {"generator": 1}, build)
+    assert len(calls) == 1
+    bench._cached(tmp_path, "m", {"generator": 2}, build)
+    assert len(calls) == 2
+    (tmp_path / "m.caffemodel").write_bytes(b"truncated")      # size no longer matches
+    bench._cached(tmp_path, "m", {"generator": 2}, build)
+    assert len(calls) == 3
+
+
+def test_mobilenet_fallback_is_the_full_width_example(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SHARED_MODELS", tmp_path / "absent")
+    text, source = bench.mobilenet_source()
+    assert "example" in source and example.WIDTH == 0.25      # restored
+    assert "num_output: 1024" in text
+
+
+def test_run_reports_the_childs_own_rss_and_failures(tmp_path):
+    r = bench.run([sys.executable, "-c", "b = bytearray(64 << 20); print('ok')"])
+    assert r.stdout.strip() == "ok" and r.rss >= 64 << 20 and r.wall > 0
+    with pytest.raises(bench.ConversionFailed, match="exited with 3"):
+        bench.run([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_report_tables():
+    rows = [bench.Row("floor", "0.500 s", "reference", None, None),
+            bench.Row("convert", "0.900 s", "<= 2x floor", 1.8, True),
+            bench.Row("rss", "900 MiB", "<= 1.5x", 1.7, False)]
+    text = bench.render_text(rows)
+    assert "1.80x" in text and "PASS" in text and "MISS" in text
+    info = {"runs": 3, "load": 0.1, "vgg_caffemodel_bytes": 1 << 20,
+            "mobilenet_caffemodel_bytes": 1 << 20, "mobilenet_source": "x",
+            "floor_io_only": 0.5, "floor": [(0.6, 0.5)], "vgg": [(0.9, 0.8, 900 << 20)],
+            "mobilenet": [(0.3, 0.2)]}
+    md = bench.render_markdown(rows, info)
+    assert "| convert | 0.900 s | <= 2x floor | 1.80x | PASS |" in md
+
+
+def test_bench_end_to_end_on_the_tiny_model(tmp_path):
+    """The whole `make bench` flow (figures meaningless at this size)."""
+    p = subprocess.run([sys.executable, "-m", "caffe2metal.bench", "--tiny", "--runs", "1",
+                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "I/O floor" in p.stdout and "peak RSS" in p.stdout
+    md = (tmp_path / "latest.md").read_text()
+    assert md.count("| ") > 10 and ("PASS" in md or "MISS" in md)
+
+
+# ---------------------------------------------------------------- lean convert path
+
+def _convert_in_fresh_process(proto, out, extra=""):
+    code = "\n".join(["import sys",
+                      "from caffe2metal.cli import main",
+                      f"rc = main(['convert', {str(proto)!r}, '-o', {str(out)!r}])",
+                      "assert rc == 0, rc",
+                      extra])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_convert_does_not_import_opencv_or_tqdm(tiny_vgg, tmp_path):
+    p = _convert_in_fresh_process(
+        tiny_vgg[0], tmp_path / "out",
+        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verify', 'caffe2metal.synth') "
+        "if m in sys.modules]\nassert not bad, bad")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""                          # quiet when stderr is not a terminal
+
+
+def test_built_in_example_converts_without_opencv(tmp_path):
+    proto, _ = example.build(tmp_path)             # building it calibrates with OpenCV...
+    p = _convert_in_fresh_process(proto, tmp_path / "out",      # ...converting must not
+                                  "assert 'cv2' not in sys.modules")
+    assert p.returncode == 0, p.stderr
+
+
+# ---------------------------------------------------------------- progress
+
+def test_progress_is_off_when_not_asked_and_stderr_is_not_a_terminal(tiny_vgg):
+    assert _Progress(tiny_vgg[1], 3).bar is None
+    assert _Progress(tiny_vgg[1], 3, enabled=False).bar is None
+
+
+def test_progress_bar_when_forced(tiny_vgg, tmp_path, capsys):
+    convert(tiny_vgg[0], tiny_vgg[1], tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    for stage in ("reading and folding", "writing the merged caffemodel",
+                  "writing Metal weights"):
+        assert stage in err
+
+
+def test_writer_progress_counts_every_byte(tmp_path, tiny_vgg):
+    layers = read_caffemodel(tiny_vgg[1])
+    seen = []
+    n = write_caffemodel(tmp_path / "copy.caffemodel", layers, net_name=layers.net_name,
+                         progress=seen.append)
+    assert sum(seen) == n == (tmp_path / "copy.caffemodel").stat().st_size
+    assert (tmp_path / "copy.caffemodel").read_bytes() == tiny_vgg[1].read_bytes()
+
+
+def test_writer_pieces_big_blobs(tmp_path, monkeypatch):
+    monkeypatch.setattr(caffemodel, "_WRITE_CHUNK", 100_000)
+    blob = np.arange(100_000, dtype=np.float32).reshape(100, 1000)     # 400 kB: not "small"
+    seen = []
+    write_caffemodel(tmp_path / "a.caffemodel", [caffemodel.ModelLayer("a", "InnerProduct", [blob])],
+                     progress=seen.append)
+    assert seen.count(100_000) == 4
+    got = read_caffemodel(tmp_path / "a.caffemodel")[0].blobs[0]
+    np.testing.assert_array_equal(got, blob)
+
+
+def test_writer_holds_one_generated_layer_at_a_time(tmp_path):
+    import weakref
+    alive = []
+
+    def layers():
+        for i in range(3):
+            blob = np.full(300_000, i, np.float32)
+            alive.append(weakref.ref(blob))
+            yield caffemodel.ModelLayer(f"l{i}", "Convolution", [blob])
+            del blob
+            # the writer is done with the layer it was given
+            assert sum(r() is not None for r in alive) == 0, "previous layer still referenced"
+
+    write_caffemodel(tmp_path / "g.caffemodel", layers())
+
+
+# ---------------------------------------------------------------- release
+
+def test_release_keeps_the_values_and_ignores_non_views(tiny_vgg):
+    layers = read_caffemodel(tiny_vgg[1]).by_name()
+    fc6 = layers["fc6"].blobs[0]
+    before = fc6.copy()
+    assert release(fc6) >= fc6.nbytes
+    np.testing.assert_array_equal(fc6, before)     # pages come back from the file
+    assert release(before, np.zeros(0, np.float32)) == 0
+    data = tiny_vgg[1].read_bytes()
+    parsed = caffemodel.parse_caffemodel(data)
+    assert release(parsed[0].blobs[0]) == 0

@@ -152,22 +152,49 @@ class _Writer:
                               layer=owner)
         self.owners[key] = (owner, file)
 
-    def write(self, file: str, owner: str, array: np.ndarray, dtype: str, layout: str) -> dict:
+    def write(self, file: str, owner: str, array, dtype: str, layout: str) -> dict:
+        """Write an array, or a ``_RowBlocks`` one block at a time; hash as it goes."""
         self.claim(file, owner)
         path = self.dir / file
         if path.parent != self.dir or file in ("", ".", ".."):     # safe_name makes this impossible
             raise ExportError(f"file name {file!r} would leave {self.dir}", layer=owner)
-        data = np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()
+        blocks = array if isinstance(array, _RowBlocks) else (array,)
+        digest = hashlib.sha256()
         self.dir.mkdir(exist_ok=True)
         try:
             with open(path, "xb") as f:
-                f.write(data)
+                for block in blocks:
+                    arr = np.ascontiguousarray(block, dtype=DTYPES[dtype])
+                    data = memoryview(arr.reshape(-1)).cast("B")    # the array's bytes, no copy
+                    f.write(data)
+                    digest.update(data)
         except FileExistsError:
             raise ExportError(f"{path} already exists", layer=owner) from None
         except OSError as e:
             raise ExportError(f"cannot write: {e.strerror}", file=path, layer=owner) from None
         return {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
-                "layout": layout, "sha256": hashlib.sha256(data).hexdigest()}
+                "layout": layout, "sha256": digest.hexdigest()}
+
+
+class _RowBlocks:
+    """A big layout conversion done a block of output rows at a time, so that the
+    converted copy never exists whole: ``shape`` of the result, iterate for blocks."""
+
+    def __init__(self, shape, rows_source, convert, block_bytes=1 << 24):
+        self.shape = tuple(shape)
+        self.source, self.convert = rows_source, convert
+        row = max(1, rows_source[:1].nbytes)
+        self.rows = max(1, block_bytes // row)
+
+    def __iter__(self):
+        for i in range(0, self.shape[0], self.rows):
+            yield self.convert(self.source[i:i + self.rows])
+
+    def map(self, fn):
+        out = _RowBlocks.__new__(_RowBlocks)
+        out.shape, out.source, out.rows = self.shape, self.source, self.rows
+        out.convert = lambda rows: fn(self.convert(rows))
+        return out
 
 
 # ---------------------------------------------------------------- per-type layouts
@@ -257,8 +284,16 @@ def _fc(layer, in_shape):
     else:
         raise ExportError(f"input shape {list(in_shape)} is neither N,C nor N,C,H,W",
                           layer=layer.name)
+    w = layer.blobs[0]
+    transpose = bool(p.get("transpose", False))
     try:
-        arr = mps.fc_weights(layer.blobs[0], chw, transpose=bool(p.get("transpose", False)))
+        if w.ndim == 2 and w.nbytes > (1 << 26) and chw[1] * chw[2] > 1:
+            rows = w.T if transpose else w              # [out][K]
+            arr = _RowBlocks((rows.shape[0], chw[1], chw[2], chw[0]), rows,
+                             lambda r: mps.fc_weights(r, chw))
+            mps.fc_weights(rows[:1], chw)               # the checks, on one row
+        else:
+            arr = mps.fc_weights(w, chw, transpose=transpose)
     except ValueError as e:
         raise ExportError(str(e), layer=layer.name) from None
     return dict(kind="fully_connected", weights=arr, kernel=[chw[1], chw[2]], stride=[1, 1],
@@ -306,8 +341,9 @@ def export(model, merged: Graph, plan: fold.Plan, out, *, dtype: str = "float32"
 
     def files(entry_name, geo, weights, bias, owner):
         wfile, bfile = file_names(entry_name, naming)
-        wspec = writer.write(wfile, owner, _cast(weights, dtype, owner), dtype,
-                             LAYOUTS[geo["kind"]])
+        cast = (weights.map(lambda b: _cast(b, dtype, owner)) if isinstance(weights, _RowBlocks)
+                else _cast(weights, dtype, owner))
+        wspec = writer.write(wfile, owner, cast, dtype, LAYOUTS[geo["kind"]])
         bspec = writer.write(bfile, owner, _finite32(bias, owner), "float32",
                              "[C] shift" if geo["kind"] == "channel_affine" else "[out]")
         return wspec, bspec
@@ -380,12 +416,24 @@ def _entry(name, caffe_type, geo, wspec, bspec, folded, chain, inp, outp, act) -
             "input": inp, "output": outp, "activation": act}
 
 
+def _first_nonfinite(a: np.ndarray, chunk: int = 1 << 20) -> int | None:
+    """Index of the first NaN/inf of ``a`` (flat), checked in chunks: no big temporaries."""
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        part = np.isfinite(flat[start:start + chunk])
+        if not part.all():
+            return start + int(np.flatnonzero(~part)[0])
+    return None
+
+
 def _finite32(values, owner) -> np.ndarray:
-    a = np.asarray(values, np.float64)
-    if not np.isfinite(a).all():
-        bad = int(np.flatnonzero(~np.isfinite(a))[0])
+    a = np.asarray(values)
+    if a.dtype != np.float32:
+        a = np.asarray(a, np.float64)
+    bad = _first_nonfinite(a)
+    if bad is not None:
         raise ExportError(f"holds {a.reshape(-1)[bad]} at element {bad}", layer=owner)
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)
 
 
 def _cast(values, dtype, owner) -> np.ndarray:

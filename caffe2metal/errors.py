@@ -2,7 +2,17 @@
 
 Every message names where the problem is: the file, and when known the layer
 and the blob.  The command line prints ``str(err)`` and exits with status 2.
+``str(err)`` is always one line: control characters (a layer name with a
+newline, say) are shown as escapes.
 """
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters and line separators as Python escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class Caffe2MetalError(Exception):
@@ -23,7 +33,8 @@ class Caffe2MetalError(Exception):
             where.append(f"layer '{self.layer}'")
         if self.blob is not None:
             where.append(f"blob {self.blob}")
-        return (": ".join([", ".join(where), self.message]) if where else self.message)
+        return one_line(": ".join([", ".join(where), str(self.message)]) if where
+                        else str(self.message))
 
 
 class ModelFormatError(Caffe2MetalError):

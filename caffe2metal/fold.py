@@ -24,6 +24,12 @@ per-channel affine ``y = x*k + c``:
 Affines compose as (k1, c1) then (k2, c2) = (k1*k2, c1*k2 + c2), and the
 producer becomes W' = W*k along its output-channel axis, b' = b*k + c
 (b = 0 where the producer had no bias).
+
+Errors (GraphError naming the layer and, where one is to blame, the blob): a
+NaN or infinity in any blob of the chain or the producer, a non-finite eps, a
+negative variance, variance + eps <= 0, blob counts or per-channel sizes that
+disagree (after a layer of unknown type nothing else has checked them), and a
+fold whose result does not fit in float32.
 """
 from __future__ import annotations
 
@@ -92,7 +98,7 @@ def plan(graph: Graph) -> Plan:
         if layer.type not in ("BatchNorm", "Scale") or layer.name in claimed:
             continue
         chain = [layer]
-        if layer.type == "BatchNorm":
+        if layer.type == "BatchNorm" and len(layer.tops) == 1:
             nxt = sole_reader(layer.tops[0], "Scale")
             if nxt is not None and _scale_problem(nxt) is None:
                 chain.append(nxt)
@@ -111,7 +117,8 @@ def plan(graph: Graph) -> Plan:
         result.folds.append(Fold(
             producer=prod.name, layers=names, top=chain[-1].tops[0],
             eps=None if bn is None else float(bn.params.get("batch_norm_param", {}).get("eps", 1e-5)),
-            scale_factor=None if bn is None or len(bn.blobs) < 3 else float(bn.blobs[2].reshape(-1)[0])))
+            scale_factor=None if bn is None or len(bn.blobs) < 3 or bn.blobs[2].size != 1
+            else float(bn.blobs[2].reshape(-1)[0])))
     return result
 
 
@@ -156,6 +163,8 @@ def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
                 "change what they see")
     if _out_axis_param(prod).get("axis", 1) != 1:
         return f"producer '{prod.name}' does not put channels on axis 1"
+    if "num_output" not in _out_axis_param(prod):
+        return f"producer '{prod.name}' has no num_output"
     return None
 
 
@@ -170,11 +179,25 @@ def _finite(graph: Graph, layer: Layer, index: int) -> np.ndarray:
     return blob
 
 
+def _same_size(graph: Graph, layer: Layer, blobs: dict[int, np.ndarray]) -> None:
+    """Blobs that hold one value per channel must agree on the channel count."""
+    first, *rest = blobs.items()
+    for i, b in rest:
+        if b.size != first[1].size:
+            raise GraphError(f"has {b.size} values but blob {first[0]} has {first[1].size}: "
+                             "expected one value per channel in both", file=graph.source,
+                             layer=layer.name, blob=i)
+
+
 def affine(graph: Graph, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel (k, c) with y = x*k + c that a BatchNorm or Scale computes."""
     if layer.type == "Scale":
+        if len(layer.blobs) not in (1, 2):
+            raise GraphError(f"Scale needs 1 or 2 blobs (gamma, beta), found {len(layer.blobs)}",
+                             file=graph.source, layer=layer.name)
         gamma = _finite(graph, layer, 0)
         beta = _finite(graph, layer, 1) if len(layer.blobs) > 1 else np.zeros_like(gamma)
+        _same_size(graph, layer, {0: gamma, 1: beta})
         return gamma, beta
     if len(layer.blobs) not in (3, 5):
         raise GraphError(f"BatchNorm needs 3 blobs (or NVCaffe's 5), found {len(layer.blobs)}",
@@ -185,7 +208,14 @@ def affine(graph: Graph, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
                          file=graph.source, layer=layer.name, blob=2)
     f = 0.0 if s[0] == 0 else 1.0 / s[0]
     mean, var = _finite(graph, layer, 0) * f, _finite(graph, layer, 1) * f
+    _same_size(graph, layer, {0: mean, 1: var})
     eps = float(layer.params.get("batch_norm_param", {}).get("eps", 1e-5))
+    if not math.isfinite(eps):
+        raise GraphError(f"batch_norm_param.eps is {eps}", file=graph.source, layer=layer.name)
+    if (var < 0).any():
+        bad = int(np.flatnonzero(var < 0)[0])
+        raise GraphError(f"variance {var[bad]:g} < 0 at channel {bad} (scale factor "
+                         f"{s[0]:g})", file=graph.source, layer=layer.name, blob=1)
     denom = var + eps
     if (denom <= 0).any():
         bad = int(np.flatnonzero(denom <= 0)[0])
@@ -196,6 +226,7 @@ def affine(graph: Graph, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     c = -mean * k
     if len(layer.blobs) == 5:                      # NVCaffe: learned scale and bias inside
         gamma, beta = _finite(graph, layer, 3), _finite(graph, layer, 4)
+        _same_size(graph, layer, {0: mean, 3: gamma, 4: beta})
         k, c = k * gamma, c * gamma + beta
     return k, c
 
@@ -212,6 +243,39 @@ def chain_affine(graph: Graph, layers: list[Layer]) -> tuple[np.ndarray, np.ndar
                                  file=graph.source, layer=layer.name)
             k, c = k * k2, c * k2 + c2
     return k, c
+
+
+def _check_producer(graph: Graph, layer: Layer) -> tuple[Layer, int]:
+    """Validate the blobs of a producer about to be folded: (the layer, its output channels).
+
+    Shape inference checks them against the prototxt when the input shape is
+    known; after a layer of unknown type it is not, so check here what the
+    arithmetic relies on."""
+    def bad(msg, blob=None):
+        return GraphError(msg, file=graph.source, layer=layer.name, blob=blob)
+    if len(layer.blobs) not in (1, 2):
+        raise bad(f"{layer.type} needs 1 or 2 blobs (weights, bias), found {len(layer.blobs)}")
+    w = layer.blobs[0]
+    if layer.type == "InnerProduct" and w.ndim == 4 and w.shape[:2] == (1, 1):
+        w = w.reshape(w.shape[2:])               # legacy (1, 1, out, in): Blob::ShapeEquals
+        layer = replace(layer, blobs=[w, *layer.blobs[1:]])
+    want = (2,) if layer.type == "InnerProduct" else tuple(range(3, 33))
+    if w.ndim not in want:
+        raise bad(f"weights have shape {list(w.shape)}, expected "
+                  f"{'2' if layer.type == 'InnerProduct' else 'at least 3'} axes", blob=0)
+    if layer.type == "Deconvolution":
+        group = _out_axis_param(layer).get("group", 1)
+        if group <= 0 or w.shape[0] % group:
+            raise bad(f"weights have {w.shape[0]} input channels, not divisible by group "
+                      f"{group}", blob=0)
+    channels = output_channels(layer)
+    if len(layer.blobs) > 1 and layer.blobs[1].size != channels:
+        raise bad(f"has {layer.blobs[1].size} bias values for {channels} output channels",
+                  blob=1)
+    for i, blob in enumerate(layer.blobs):
+        if not np.isfinite(blob).all():
+            _finite(graph, layer, i)             # raises, naming the first bad element
+    return layer, channels
 
 
 def output_channels(layer: Layer) -> int:
@@ -247,12 +311,18 @@ def apply(graph: Graph, the_plan: Plan) -> Graph:
     for f in the_plan.folds:
         prod = by_name[f.producer]
         chain = [by_name[n] for n in f.layers]
+        prod, channels = _check_producer(graph, prod)
         k, c = chain_affine(graph, chain)
-        channels = output_channels(prod)
         if k.size != channels:
             raise GraphError(f"has {k.size} channels but '{prod.name}' produces {channels}",
                              file=graph.source, layer=chain[0].name)
-        w, b = fold_weights(prod, k, c)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w, b = fold_weights(prod, k, c)
+        for i, blob in enumerate((w, b)):
+            if not np.isfinite(blob).all():
+                raise GraphError(f"folding {', '.join(f.layers)} into it gives values beyond "
+                                 "float32 (a variance + eps near 0 or huge weights?)",
+                                 file=graph.source, layer=prod.name, blob=i)
         key = _PARAM_KEY.get(prod.type, "convolution_param")
         params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
         new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)

@@ -4,45 +4,144 @@ Everything is written into a fresh sibling of OUT; only when the whole
 conversion has succeeded does it take OUT's place (an existing OUT is moved
 aside first and removed after).  A failure or Ctrl-C removes the sibling, so
 OUT is never left half-written.
+
+Details:
+* an existing OUT is replaced only if it is empty or an earlier output (its
+  ``manifest.json`` says ``"format": "caffe2metal"``): ``-o .`` or ``-o ~``
+  must never delete a user's files;
+* Ctrl-C (and SIGTERM, when nobody else handles it) while the sibling is
+  written removes it; during the swap itself both signals are held back and
+  delivered right after, so OUT is always either the old or the new tree;
+* an ``OSError`` while writing (disk full, permissions, a name the file
+  system refuses) becomes an :class:`ExportError` naming the file.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import ExportError
+
+FORMAT = "caffe2metal"          # manifest.json "format" of an output directory we may replace
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                 if s is not None)
+
+
+def is_output_directory(path: str | os.PathLike) -> bool:
+    """True if ``path`` is an empty directory or one that caffe2metal wrote."""
+    path = Path(path)
+    try:
+        if not any(path.iterdir()):
+            return True
+        with open(path / "manifest.json", "rb") as f:
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM back for the duration; deliver them afterwards."""
+    if not _main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for sig in _SIGNALS:
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Let SIGTERM unwind the stack (so cleanup runs) when its handler is the default."""
+    sig = getattr(signal, "SIGTERM", None)
+    if sig is None or not _main_thread() or signal.getsignal(sig) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(sig, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _remove(path: Path) -> None:
+    with _signals_held():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike):
     out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise ExportError("exists and is not a directory", file=out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)          # mkdtemp's 0700 is not what a user expects
-    except OSError as e:
-        raise ExportError(f"cannot create the output directory: {e.strerror}", file=out) from None
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "out")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ExportError("exists and is not a directory", file=out)
+        if not is_output_directory(out):
+            raise ExportError("exists and is not an earlier caffe2metal output (no manifest.json "
+                              "of ours): refusing to replace it; remove it or choose another "
+                              "output directory", file=out)
+    tmp = None
+    with _sigterm_unwinds():
         try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old / "out", out)
+            with _signals_held():    # a Ctrl-C arrives once tmp is known, so it is removed
+                try:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 is not what a user expects
+                except OSError as e:
+                    raise ExportError(f"cannot create the output directory: {e.strerror}",
+                                      file=out) from None
+            yield tmp
+            with _signals_held():
+                old = None
+                if out.exists() or out.is_symlink():
+                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                    try:
+                        os.replace(out, old / "out")
+                    except BaseException:
+                        old.rmdir()
+                        raise
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    if old is not None:
+                        os.replace(old / "out", out)
+                    raise
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            if tmp is not None:
+                _remove(tmp)
+            raise ExportError(f"cannot write the output: {e.strerror or e}",
+                              file=e.filename if e.filename else out) from None
+        except BaseException:
+            if tmp is not None:
+                _remove(tmp)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 from google.protobuf import text_format
 
 from . import shapes as shape_rules
@@ -55,19 +56,34 @@ def read_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None
 
 # ---------------------------------------------------------------- prototxt
 
+MAX_PROTOTXT_BYTES = 2**31 - 1         # Caffe's kProtoReadBytesLimit
+
+
+def _binary(path):
+    return ModelFormatError("this is binary data, not a text prototxt "
+                            "(a .caffemodel passed where the .prototxt belongs?)", file=path)
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            chunks = [f.read(65536)]         # /dev/zero or a caffemodel: stop here
+            if b"\x00" in chunks[0]:
+                raise _binary(path)
+            size = len(chunks[0])
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+                if size > MAX_PROTOTXT_BYTES:
+                    raise ModelFormatError(f"is larger than {MAX_PROTOTXT_BYTES} bytes, the "
+                                           "most Caffe reads", file=path)
+                chunks.append(chunk)
+        raw = b"".join(chunks)
     except FileNotFoundError:
         raise ModelFormatError("no such file", file=path) from None
     except IsADirectoryError:
         raise ModelFormatError("is a directory, not a prototxt file", file=path) from None
     except OSError as e:
         raise ModelFormatError(f"cannot read: {e.strerror}", file=path) from None
-    if b"\x00" in raw[:65536]:
-        raise ModelFormatError("this is binary data, not a text prototxt "
-                               "(a .caffemodel passed where the .prototxt belongs?)", file=path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,7 +110,10 @@ def read_prototxt(path: str | os.PathLike) -> Model:
     messages = [_upgrade_v1(m, path) for m in net.layers] if v1 else list(net.layer)
     if not messages:
         raise ModelFormatError("defines no layers (is this a Caffe deploy prototxt?)", file=path)
-    assert len(messages) == len(blocks), "text_format and textproto disagree on the layer count"
+    if len(messages) != len(blocks) or any(b.is_list for b in blocks):
+        # `layer: [{...}, {...}]`: one text block for several layers
+        raise ModelFormatError("layers given as a list (layer: [...]) are not supported: write "
+                               "one 'layer { ... }' block per layer", file=path)
 
     # fields of each block that the schema does not know, by block index
     per_block: dict[int, list[str]] = {}
@@ -135,8 +154,12 @@ def read_prototxt(path: str | os.PathLike) -> Model:
                                  file=path, layer=msg.name)
             bottoms.append(current[b])
         tops = [define(t) for t in msg.top]
+        params = _params(msg)
+        if (where := _nan_field(params)) is not None:
+            raise ModelFormatError(f"{where} is NaN, which no layer can compute with",
+                                   file=path, layer=msg.name)
         graph.layers.append(Layer(name=msg.name, type=msg.type, bottoms=bottoms, tops=tops,
-                                  params=_params(msg), unknown_fields=per_block.get(idx, []),
+                                  params=params, unknown_fields=per_block.get(idx, []),
                                   index=idx))
     model = Model(graph=graph, document=doc, blocks=blocks, excluded=excluded,
                   excluded_blocks=excluded_blocks,
@@ -200,6 +223,22 @@ def message_to_dict(msg) -> dict:
         else:
             out[fd.name] = _to_python(fd, value)
     return out
+
+
+def _nan_field(value, where: str = "") -> str | None:
+    """Dotted path of the first NaN among the parameter values, or None."""
+    if isinstance(value, float):
+        return where if value != value else None
+    if isinstance(value, dict):
+        children = [(f"{where}.{k}" if where else k, v) for k, v in value.items()]
+    elif isinstance(value, list):
+        children = [(where, v) for v in value]
+    else:
+        children = []
+    for path, v in children:
+        if (found := _nan_field(v, path)) is not None:
+            return found
+    return None
 
 
 def _params(msg) -> dict:
@@ -267,6 +306,24 @@ def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
                 blob = blob.reshape(shape)
             fixed.append(blob)
         layer.blobs = fixed
+    for layer in model.graph.layers:
+        for i, blob in enumerate(layer.blobs):
+            bad = _first_nonfinite(blob)
+            if bad is not None:
+                value = blob.reshape(-1)[bad]
+                raise ModelFormatError(f"holds {value} at element {bad}: weights and "
+                                       "statistics must be finite numbers", file=path,
+                                       layer=layer.name, blob=i)
+
+
+def _first_nonfinite(blob, chunk: int = 1 << 20) -> int | None:
+    """Index of the first NaN or infinity in ``blob`` (read in chunks: no big temporaries)."""
+    flat = blob.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        part = np.isfinite(flat[start:start + chunk])
+        if not part.all():
+            return start + int(np.flatnonzero(~part)[0])
+    return None
 
 
 def _legacy_compatible(have: tuple, want: tuple) -> bool:

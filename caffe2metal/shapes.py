@@ -44,8 +44,33 @@ class Shapes:
     inputs: dict[str, list] = field(default_factory=dict)          # layer name -> bottom shapes
 
 
+MAX_COUNT = 2**31 - 1      # Caffe's Blob::Reshape: "blob size exceeds INT_MAX"
+
+
+def _bad_shape(shape) -> str | None:
+    """Why a blob of ``shape`` cannot exist (Caffe's limits), or None.
+
+    Checked before anything is sized from a shape: a declared input of
+    1000000 x 1000000 x ... is refused here, never allocated."""
+    if shape is None:
+        return None
+    dims = [d for d in shape if d is not None]
+    if any(not isinstance(d, int) or d <= 0 for d in dims):
+        return f"shape {list(shape)} has a dimension that is not a positive integer"
+    if len(shape) > 32:
+        return f"shape has {len(shape)} axes, more than Caffe's 32"
+    count = math.prod(dims)
+    if count > MAX_COUNT:
+        return f"shape {list(shape)} has {count} elements, more than Caffe's limit {MAX_COUNT}"
+    return None
+
+
 def infer(graph: Graph) -> Shapes:
     out = Shapes(blobs=dict(graph.inputs))
+    for name, shape in graph.inputs.items():
+        if why := _bad_shape(shape):
+            raise GraphError(f"input '{graph.blob_names.get(name, name)}': {why}",
+                             file=graph.source)
     for layer in graph.layers:
         ins = [out.blobs.get(b) for b in layer.bottoms]
         out.inputs[layer.name] = ins
@@ -56,7 +81,8 @@ def infer(graph: Graph) -> Shapes:
                 tops, params = fn(layer, ins)
             except _Unknown:
                 tops, params = [None] * len(layer.tops), None
-            except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+            except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError,
+                    OverflowError) as e:
                 raise GraphError(f"cannot infer output shape ({type(e).__name__}: {e})",
                                  file=graph.source, layer=layer.name) from None
             tops = list(tops)
@@ -67,6 +93,13 @@ def infer(graph: Graph) -> Shapes:
                 if shape is not None and any(d is not None and d <= 0 for d in shape):
                     raise GraphError(f"output '{graph.blob_names.get(top, top)}' would have "
                                      f"shape {list(shape)}", file=graph.source, layer=layer.name)
+                if why := _bad_shape(shape):
+                    raise GraphError(f"output '{graph.blob_names.get(top, top)}': {why}",
+                                     file=graph.source, layer=layer.name)
+            for i, shape in enumerate(params or ()):
+                if why := _bad_shape(shape):
+                    raise GraphError(f"parameter blob {i}: {why}", file=graph.source,
+                                     layer=layer.name)
         out.params[layer.name] = params
         for top, shape in zip(layer.tops, tops):
             out.blobs[top] = None if shape is None else tuple(shape)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from google.protobuf import text_encoding
+
 from .errors import ModelFormatError
 
 _TOKEN = re.compile(
@@ -30,6 +32,7 @@ _TOKEN = re.compile(
     re.X,
 )
 _CLOSE = {"{": "}", "<": ">"}
+MAX_DEPTH = 100     # protobuf's default recursion limit; Caffe files nest 4 or 5 deep
 _NOT_NEWLINE = re.compile(r"[^\n]")
 
 
@@ -41,6 +44,7 @@ class Field:
     children: list["Field"] | None = None   # for message values (concatenated for lists)
     value: str | None = None        # raw text of a scalar value (first one for lists)
     value_start: int = -1
+    is_list: bool = False           # written as ``name: [v, v, ...]``
 
     def get(self, name: str) -> list["Field"]:
         return [f for f in self.children or () if f.name == name]
@@ -78,6 +82,7 @@ def parse(text: str, path: str = "") -> Document:
     toks = _tokens(text, path)
     doc = Document(text, path=path)
     i = 0
+    depth = 0
 
     def fail(msg, at):
         line, col = doc.position(toks[at][2] if at < len(toks) else len(text))
@@ -117,16 +122,28 @@ def parse(text: str, path: str = "") -> Document:
             value(f)
             fields.append(f)
 
+    def nest(at):
+        nonlocal depth
+        depth += 1
+        if depth > MAX_DEPTH:
+            fail(f"nested more than {MAX_DEPTH} levels deep", at)
+
     def value(f):
-        nonlocal i
+        nonlocal i, depth
         if i >= len(toks):
             fail(f"missing value for field '{f.name}'", i)
         kind, tok, start, end = toks[i]
         if kind == "punct" and tok in _CLOSE:
+            nest(i)
             i += 1
-            f.children = (f.children or []) + message(_CLOSE[tok])
+            if f.children is None:
+                f.children = []
+            f.children.extend(message(_CLOSE[tok]))
             f.end = toks[i - 1][3]
+            depth -= 1
         elif kind == "punct" and tok == "[":
+            nest(i)
+            f.is_list = True
             i += 1
             while True:
                 if i >= len(toks):
@@ -139,6 +156,7 @@ def parse(text: str, path: str = "") -> Document:
                     continue
                 value(f)
             f.end = toks[i - 1][3]
+            depth -= 1
         elif kind in ("word", "str"):
             if f.value is None:
                 f.value, f.value_start = tok, start
@@ -176,10 +194,13 @@ def blank(text: str, spans) -> str:
 
 
 def unquote(token: str) -> str:
-    """The value of a quoted string token (C escapes as protobuf's text format uses them)."""
+    """The value of a quoted string token, unescaped exactly as protobuf's text format does."""
     if token[:1] in "\"'":
         body = token[1:-1]
         if "\\" in body:
-            return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            try:
+                return text_encoding.CUnescape(body).decode("utf-8")
+            except (ValueError, UnicodeError):     # text_format refuses these too
+                return body
         return body
     return token

@@ -252,7 +252,8 @@ def _signed64(v: int) -> int:
 
 
 class _Parser:
-    def __init__(self, buf, file: str):
+    def __init__(self, buf, file: str, allow_empty: bool = False):
+        self.allow_empty = allow_empty
         self.buf = buf                         # arrays are views of this object
         self.mv = memoryview(buf)
         if self.mv.ndim != 1 or self.mv.itemsize != 1:
@@ -395,7 +396,7 @@ class _Parser:
                     self.fail("file has both 'layer' (modern) and 'layers' (V1) entries; "
                               "Caffe refuses such inconsistent NetParameters", at)
                 model.append(self.parse_layer(a, b, len(model), v1))
-        if not model:
+        if not model and not self.allow_empty:
             self.fail("file contains no layers; is this really a caffemodel?")
         model.net_name = net_name
         return model
@@ -539,7 +540,7 @@ def parse_caffemodel(data, *, file: str = "<memory>") -> CaffeModel:
     return _Parser(data, file).parse()
 
 
-def read_caffemodel(path) -> CaffeModel:
+def read_caffemodel(path, *, allow_empty: bool = False) -> CaffeModel:
     """Read a binary caffemodel: its layers in file order, as a
     :class:`CaffeModel` (a ``list[ModelLayer]`` with ``net_name``).
 
@@ -547,14 +548,18 @@ def read_caffemodel(path) -> CaffeModel:
     mapping; nothing needs closing (see the module doc).  Raises
     :class:`ModelFormatError` for anything that is not a well-formed
     caffemodel and :class:`Caffe2MetalError` if the file cannot be opened.
+    ``allow_empty`` accepts a file with no layers (what a net without any
+    parameter blobs is saved as; Caffe accepts it too).
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):      # pipe, /dev/stdin, ...
-                buf = f.read()
+            if not stat.S_ISREG(st.st_mode):      # pipe, /dev/stdin, a device, ...
+                buf = _read_bounded(f, path)
             elif st.st_size == 0:
+                if allow_empty:
+                    return CaffeModel(path=path)
                 raise ModelFormatError("file is empty, expected a binary caffemodel",
                                        file=path)
             else:
@@ -562,7 +567,23 @@ def read_caffemodel(path) -> CaffeModel:
     except OSError as err:
         raise Caffe2MetalError(f"cannot read caffemodel: {err.strerror or err}",
                                file=path) from None
-    return _Parser(buf, path).parse()
+    return _Parser(buf, path, allow_empty).parse()
+
+
+def _read_bounded(f, path) -> bytes:
+    """A non-regular file's bytes, never more than Caffe's limit (a device never ends)."""
+    buf = bytearray()
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return bytes(buf)
+        if not buf and chunk[:1] == b"\x00":
+            raise ModelFormatError("starts with a zero byte (field number 0): not a caffemodel",
+                                   file=path)
+        buf += chunk
+        if len(buf) > PROTO_BYTES_LIMIT:
+            raise ModelFormatError(f"larger than Caffe's limit of {PROTO_BYTES_LIMIT} bytes",
+                                   file=path)
 
 
 def _mapping(array):

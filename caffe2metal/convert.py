@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fold
-from .errors import ModelFormatError
+from .errors import ExportError, ModelFormatError
 from .output import atomic_directory
 from .reader import Model, read_model
 from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
@@ -99,9 +99,11 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
             from .metal import export
             manifest.update(export(model, merged, the_plan, tmp, dtype=dtype, naming=naming))
         bar.stage("finishing")
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        try:
+            text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+        except ValueError as e:         # a non-finite number no earlier check caught
+            raise ExportError(f"manifest.json would not be valid JSON: {e}") from None
+        (tmp / "manifest.json").write_text(text)
     return Result(out=out, manifest=manifest, model=model, plan=the_plan)
 
 

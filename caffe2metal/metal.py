@@ -80,6 +80,7 @@ JSON Schema (draft 2020-12).  Top level: ``format`` (``"caffe2metal"``),
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -240,7 +241,7 @@ def _conv_like(layer: Layer, in_shape, transpose: bool) -> dict:
     dense_from = None
     per_group = (cin // group, cout // group)
     if kind != "depthwise_convolution" and group > 1 and (per_group[0] % 4 or per_group[1] % 4):
-        arr = _dense(arr, group)
+        arr = _dense(arr, group, layer.name)
         dense_from, group = group, 1
     return dict(kind=kind, weights=arr, kernel=_pair_list(geo["kernel"]),
                 stride=_pair_list(geo["stride"]), pad=_pair_list(geo["pad"]),
@@ -248,8 +249,12 @@ def _conv_like(layer: Layer, in_shape, transpose: bool) -> dict:
                 input_channels=cin, output_channels=cout)
 
 
-def _dense(w: np.ndarray, groups: int) -> np.ndarray:
+def _dense(w: np.ndarray, groups: int, layer: str = "") -> np.ndarray:
     """Grouped MPS weights [out][kH][kW][in/g] as one dense block-diagonal [out][kH][kW][in]."""
+    if w.size * groups > max(16 * w.size, 1 << 24):
+        raise ExportError(f"{groups} groups of {w.shape[3]} channel(s) would take "
+                          f"{w.size * groups:,} values written dense (MPS wants each group's "
+                          "channel count to be a multiple of 4)", layer=layer)
     out, kh, kw, cg = w.shape
     d = np.zeros((groups, out // groups, kh, kw, groups, cg), w.dtype)
     g = np.arange(groups)
@@ -485,12 +490,14 @@ def _activation(layer, top, users, outputs, writer, naming, slopes_done) -> dict
     act = readers[0]
     out = {"layer": act.name, "type": act.type}
     if act.type == "ReLU":
-        out["negative_slope"] = _f(_param(act, "relu_param").get("negative_slope", 0.0))
+        out["negative_slope"] = _f(_param(act, "relu_param").get("negative_slope", 0.0),
+                                   act.name, "relu_param.negative_slope")
     elif act.type == "ELU":
-        out["alpha"] = _f(_param(act, "elu_param").get("alpha", 1.0))
+        out["alpha"] = _f(_param(act, "elu_param").get("alpha", 1.0), act.name, "elu_param.alpha")
     elif act.type == "Clip":
         p = _param(act, "clip_param")
-        out["min"], out["max"] = _f(p["min"]), _f(p["max"])
+        out["min"] = _f(p["min"], act.name, "clip_param.min")
+        out["max"] = _f(p["max"], act.name, "clip_param.max")
     elif act.type == "PReLU":
         if not act.blobs:
             return None
@@ -630,20 +637,25 @@ def _detection_params(det: Layer) -> dict:
         "num_classes": p.get("num_classes"),
         "share_location": bool(p.get("share_location", True)),
         "background_label_id": int(p.get("background_label_id", 0)),
-        "nms_threshold": _f(nms.get("nms_threshold", 0.3)),
+        "nms_threshold": _f(nms.get("nms_threshold", 0.3), det.name, "nms_param.nms_threshold"),
         "top_k": nms.get("top_k"),
-        "eta": _f(nms.get("eta", 1.0)),
+        "eta": _f(nms.get("eta", 1.0), det.name, "nms_param.eta"),
         "keep_top_k": int(p.get("keep_top_k", -1)),
-        "confidence_threshold": _f(p.get("confidence_threshold")),
+        "confidence_threshold": _f(p.get("confidence_threshold"), det.name,
+                                   "confidence_threshold"),
         "code_type": p.get("code_type", "CORNER"),
         "variance_encoded_in_target": bool(p.get("variance_encoded_in_target", False)),
     }
 
 
-def _f(v):
-    """A proto float as the shortest decimal that reads back to the same float32."""
+def _f(v, layer: str, field: str):
+    """A proto float as the shortest decimal that reads back to the same float32.
+    JSON has no inf or NaN, and no app can use one here: those are errors."""
     if v is None:
         return None
+    if not math.isfinite(v):
+        raise ExportError(f"{field} is {v}, which the manifest (JSON) cannot hold and no MPS "
+                          "kernel can use", layer=layer)
     v = float(np.float32(v))
     for digits in range(6, 10):
         s = float(f"{v:.{digits}g}")

@@ -269,7 +269,9 @@ def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
     """Give every layer its blobs from ``caffemodel``, checked against the prototxt."""
     from .caffemodel import read_caffemodel
     path = str(caffemodel)
-    stored = read_caffemodel(path).by_name()      # Caffe: the last layer of a name wins
+    # a net whose layers all take no blobs is saved with no layers at all
+    weightless = all(s is not None and not s for s in model.shapes.params.values())
+    stored = read_caffemodel(path, allow_empty=weightless).by_name()   # the last of a name wins
     model.caffemodel = path
     expected = model.shapes.params
     for layer in model.graph.layers:

@@ -740,7 +740,6 @@ def test_prototxt_from_a_device_stops_at_the_first_block(tmp_path, good):
 # Bugs found in files this issue may not edit (see the issue 6 report); each test
 # turns into an XPASS failure once the owner fixes it: then drop the marker.
 
-@pytest.mark.xfail(strict=True, reason="metal.py/convert.py write Infinity into manifest.json")
 def test_infinite_prototxt_parameter_never_reaches_the_manifest(tmp_path, good):
     from caffe2metal import fuzz
     _, weights = good
@@ -751,8 +750,6 @@ def test_infinite_prototxt_parameter_never_reaches_the_manifest(tmp_path, good):
     assert fuzz.run_one(p.read_bytes(), weights.read_bytes(), tmp_path / "w") in ("ok", "error")
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError,
-                   reason="metal.py densifies a grouped conv: 320 kB of weights -> 3.2 GB")
 def test_small_grouped_conv_does_not_blow_up_when_written_dense(tmp_path):
     from caffe2metal import fuzz
     n = 20000
@@ -770,11 +767,28 @@ def test_small_grouped_conv_does_not_blow_up_when_written_dense(tmp_path):
             pass
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError,
-                   reason="caffemodel.py reads a non-regular file without a size limit")
 def test_caffemodel_from_a_device_is_bounded(tmp_path, good):
     from caffe2metal import fuzz
     proto, _ = good
     with fuzz._memory_limit(1 << 30):
         with pytest.raises(Caffe2MetalError):
             read_model(proto, "/dev/zero")
+
+
+def test_a_net_without_weights_converts_and_converts_again(tmp_path):
+    """Its merged caffemodel has no layers (as Caffe saves it); reading it back is fine
+    because no layer needs a blob, and the second conversion gives the same files."""
+    from caffe2metal.convert import convert
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                     'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n')
+    (tmp_path / "net.caffemodel").write_bytes(b"")
+    first = convert(proto, tmp_path / "net.caffemodel", tmp_path / "a")
+    m = first.manifest["merged"]
+    second = convert(tmp_path / "a" / m["prototxt"], tmp_path / "a" / m["caffemodel"],
+                     tmp_path / "b")
+    assert second.plan.folds == []
+    m2 = second.manifest["merged"]
+    assert (tmp_path / "a" / m["caffemodel"]).read_bytes() == \
+        (tmp_path / "b" / m2["caffemodel"]).read_bytes()

@@ -421,21 +421,11 @@ def _entry(name, caffe_type, geo, wspec, bspec, folded, chain, inp, outp, act) -
             "input": inp, "output": outp, "activation": act}
 
 
-def _first_nonfinite(a: np.ndarray, chunk: int = 1 << 20) -> int | None:
-    """Index of the first NaN/inf of ``a`` (flat), checked in chunks: no big temporaries."""
-    flat = a.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        part = np.isfinite(flat[start:start + chunk])
-        if not part.all():
-            return start + int(np.flatnonzero(~part)[0])
-    return None
-
-
 def _finite32(values, owner) -> np.ndarray:
     a = np.asarray(values)
     if a.dtype != np.float32:
         a = np.asarray(a, np.float64)
-    bad = _first_nonfinite(a)
+    bad = fold.first_nonfinite(a)
     if bad is not None:
         raise ExportError(f"holds {a.reshape(-1)[bad]} at element {bad}", layer=owner)
     return a.astype(np.float32, copy=False)

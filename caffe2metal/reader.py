@@ -1,10 +1,11 @@
 """Read a deploy prototxt (and its caffemodel) into a Graph.
 
 Prototxt
-    Parsed with protobuf's ``text_format`` into our compiled ``caffe.NetParameter``.
+    Parsed into our compiled ``caffe.NetParameter`` (``textfill``: the same result as
+    protobuf's ``text_format``, from the field tree ``textproto`` builds anyway).
     Before that, ``textproto`` records the span of every field, so that
     * fields our schema does not know (fork extensions) are reported per layer,
-      blanked out for ``text_format``, and kept verbatim for the merged file;
+      skipped when filling the messages, and kept verbatim for the merged file;
     * the merged prototxt can be written as the original text with edits.
     V1 ``layers { type: CONVOLUTION }`` nets are upgraded to modern layers.
     Layers are filtered for the TEST phase with Caffe's NetStateRule logic.
@@ -23,7 +24,8 @@ import numpy as np
 from google.protobuf import text_format
 
 from . import shapes as shape_rules
-from . import textproto
+from . import textfill, textproto
+from .fold import first_nonfinite
 from .errors import GraphError, ModelFormatError
 from .graph import Graph, Layer
 from .proto import caffe_pb2
@@ -98,10 +100,14 @@ def read_prototxt(path: str | os.PathLike) -> Model:
     doc = textproto.parse(text, path)
     unknown = textproto.unknown_fields(doc.fields, _NET)
     net = caffe_pb2.NetParameter()
-    try:
-        text_format.Parse(textproto.blank(text, [(f.start, f.end) for _, f in unknown]), net)
-    except text_format.ParseError as e:
-        raise ModelFormatError(f"{e}", file=path) from None
+    try:        # from the field tree we already have (equal to text_format, see textfill)
+        textfill.fill(doc, doc.fields, net, skip={id(f) for _, f in unknown})
+    except textfill.Unsupported:        # message lists, extensions: protobuf's own parser
+        net.Clear()
+        try:
+            text_format.Parse(textproto.blank(text, [(f.start, f.end) for _, f in unknown]), net)
+        except text_format.ParseError as e:
+            raise ModelFormatError(f"{e}", file=path) from None
 
     blocks = [f for f in doc.fields if f.name in ("layer", "layers")]
     if net.layer and net.layers:
@@ -310,22 +316,12 @@ def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
         layer.blobs = fixed
     for layer in model.graph.layers:
         for i, blob in enumerate(layer.blobs):
-            bad = _first_nonfinite(blob)
+            bad = first_nonfinite(blob)
             if bad is not None:
                 value = blob.reshape(-1)[bad]
                 raise ModelFormatError(f"holds {value} at element {bad}: weights and "
                                        "statistics must be finite numbers", file=path,
                                        layer=layer.name, blob=i)
-
-
-def _first_nonfinite(blob, chunk: int = 1 << 20) -> int | None:
-    """Index of the first NaN or infinity in ``blob`` (read in chunks: no big temporaries)."""
-    flat = blob.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        part = np.isfinite(flat[start:start + chunk])
-        if not part.all():
-            return start + int(np.flatnonzero(~part)[0])
-    return None
 
 
 def _legacy_compatible(have: tuple, want: tuple) -> bool:

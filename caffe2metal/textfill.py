@@ -34,10 +34,13 @@ _STRINGS = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'')
 _TRUE, _FALSE = ("true", "t", "1", "True"), ("false", "f", "0", "False")
 
 
-def fill(doc: Document, fields: list[Field], message) -> None:
-    """Set every field of ``fields`` on ``message`` (which must be empty or mergeable)."""
+def fill(doc: Document, fields: list[Field], message, skip: set[int] = frozenset()) -> None:
+    """Set every field of ``fields`` on ``message``; fields whose id() is in ``skip``
+    (the ones our schema does not know) are left out."""
     descriptor = message.DESCRIPTOR
     for f in fields:
+        if id(f) in skip:
+            continue
         fd = descriptor.fields_by_name.get(f.name)
         if f.name.startswith("[") or (fd is not None and fd.message_type is not None and
                                       doc.text[f.start:f.end].rstrip().endswith("]")):
@@ -55,7 +58,7 @@ def fill(doc: Document, fields: list[Field], message) -> None:
                     getattr(message, f.name)
                 if not fd.is_repeated:
                     target.SetInParent()
-                fill(doc, part, target)
+                fill(doc, part, target, skip)
             continue
         if f.children is not None:
             _fail(doc, f.start, f"field \"{f.name}\" takes a value, not a {{ ... }} block")

@@ -288,8 +288,8 @@ def _check_producer(graph: Graph, layer: Layer) -> tuple[Layer, int]:
     if len(layer.blobs) > 1 and layer.blobs[1].size != channels:
         raise bad(f"has {layer.blobs[1].size} bias values for {channels} output channels",
                   blob=1)
-    for i in range(len(layer.blobs)):
-        _check_finite(graph, layer, i)          # chunked: no float64 copy of the weights
+    for i in range(1, len(layer.blobs)):        # the weights are checked as they are folded
+        _check_finite(graph, layer, i)
     return layer, channels
 
 
@@ -330,13 +330,25 @@ def fold_weights(layer: Layer, k: np.ndarray, c: np.ndarray) -> tuple[np.ndarray
         mult = k.reshape((-1,) + (1,) * (w.ndim - 1))
     rows = max(1, _BLOCK_BYTES // max(1, w[:1].nbytes)) if w.shape[0] else 1
     buf = np.empty((min(rows, w.shape[0]),) + w.shape[1:], np.float64)
+    limit = float(np.finfo(np.float32).max)
     for i in range(0, w.shape[0], rows):
         block = buf[:min(rows, w.shape[0] - i)]
         np.copyto(block, w[i:i + rows])                     # exact: float32 -> float64
         block *= mult if mult.shape[0] == 1 else mult[i:i + rows]
+        if not (np.abs(block) <= limit).all():              # NaN, inf, or beyond float32
+            bad = first_nonfinite(w[i:i + rows])
+            raise _NonFinite(0, None if bad is None else (i * block[0].size + bad))
         np.copyto(out[i:i + rows], block, casting="same_kind")   # one rounding to float32
         release(w[i:i + rows])
     return out, (b * k + c).astype(np.float32)
+
+
+class _NonFinite(Exception):
+    """Folded values beyond float32: ``at`` is where the source itself was not finite."""
+
+    def __init__(self, blob: int, at: int | None):
+        super().__init__(blob, at)
+        self.blob, self.at = blob, at
 
 
 def apply(graph: Graph, the_plan: Plan) -> Graph:
@@ -352,13 +364,19 @@ def apply(graph: Graph, the_plan: Plan) -> Graph:
         if k.size != channels:
             raise GraphError(f"has {k.size} channels but '{prod.name}' produces {channels}",
                              file=graph.source, layer=chain[0].name)
-        with np.errstate(over="ignore", invalid="ignore"):
-            w, b = fold_weights(prod, k, c)
-        for i, blob in enumerate((w, b)):
-            if first_nonfinite(blob) is not None:
-                raise GraphError(f"folding {', '.join(f.layers)} into it gives values beyond "
-                                 "float32 (a variance + eps near 0 or huge weights?)",
-                                 file=graph.source, layer=prod.name, blob=i)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                w, b = fold_weights(prod, k, c)
+            if not (np.abs(b) <= np.finfo(np.float32).max).all():
+                raise _NonFinite(1, None)
+        except _NonFinite as e:
+            if e.at is not None:
+                value = np.asarray(prod.blobs[0]).reshape(-1)[e.at]
+                raise GraphError(f"holds {value} at element {e.at}", file=graph.source,
+                                 layer=prod.name, blob=0) from None
+            raise GraphError(f"folding {', '.join(f.layers)} into it gives values beyond "
+                             "float32 (a variance + eps near 0 or huge weights?)",
+                             file=graph.source, layer=prod.name, blob=e.blob) from None
         key = _PARAM_KEY.get(prod.type, "convolution_param")
         params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
         new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)

@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Without MODEL: build the built-in MobileNet-SSD-style example and convert it.
+# Without MODEL: build the built-in MobileNet-SSD-style example, convert and verify it.
 convert: $(STAMP)
 ifdef MODEL
 	$(BIN)/caffe2metal convert $(MODEL) $(WEIGHTS) $(if $(OUT),-o $(OUT))
 else
 	$(BIN)/caffe2metal example build/example
-	$(BIN)/caffe2metal convert build/example/mobilenet_ssd_example.prototxt $(if $(OUT),-o $(OUT))
+	$(BIN)/caffe2metal convert build/example/mobilenet_ssd_example.prototxt $(if $(OUT),-o $(OUT)) --verify
 endif
 
 # Speed report of issue 5 (VGG16-BN vs the I/O floor, MobileNet-SSD start-up); builds its

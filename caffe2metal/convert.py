@@ -167,6 +167,8 @@ def report(result: Result) -> str:
         lines.append(f"  folded  {' + '.join(f['layers'])} -> {f['producer']}")
     for k in m["kept"]:
         lines.append(f"  kept    {' + '.join(k['layers'])}: {k['reason']}")
+    for s in m.get("metal", {}).get("skipped", []):
+        lines.append(f"  no Metal file for {s['name']} ({s['type']}): {s['reason']}")
     lines.append(f"wrote {result.out}/: {m['merged']['prototxt']}, {m['merged']['caffemodel']}, "
                  f"manifest.json" + (f", {len(m['layers'])} Metal layer(s) in metal/"
                                      if m["layers"] else ""))

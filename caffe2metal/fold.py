@@ -13,7 +13,9 @@ Preconditions (otherwise the chain stays, and the plan says why):
   Deconvolution or InnerProduct whose output channels are Caffe axis 1;
 * its output is read by the BatchNorm/Scale alone (so it is not a net output);
 * BatchNorm uses global statistics (the TEST-phase default); a Scale has one
-  bottom and one gamma per channel; no layer has fields our schema lacks.
+  bottom and one gamma per channel; no layer has fields our schema lacks;
+* the producer does not share its blobs with another layer (``param { name }``)
+  and no layer name involved is used twice (weights are matched by name).
 
 Formula (float64, cast to float32 once).  Each layer of the chain is a
 per-channel affine ``y = x*k + c``:
@@ -86,8 +88,11 @@ def plan(graph: Graph) -> Plan:
     result = Plan()
     claimed: set[str] = set()
     seen_names: dict[str, int] = {}
+    param_users: dict[str, int] = {}
     for layer in graph.layers:
         seen_names[layer.name] = seen_names.get(layer.name, 0) + 1
+        for shared in layer.shared_params:
+            param_users[shared] = param_users.get(shared, 0) + 1
 
     def sole_reader(blob: str, layer_type: str) -> Layer | None:
         readers = users.get(blob, [])
@@ -110,6 +115,11 @@ def plan(graph: Graph) -> Plan:
             reason = "its layer name is used by more than one layer, so weights cannot be matched"
         if not reason and seen_names[producers[layer.bottoms[0]].name] > 1:
             reason = "the producer's layer name is used by more than one layer"
+        if not reason:
+            shared = [n for n in producers[layer.bottoms[0]].shared_params if param_users[n] > 1]
+            if shared:
+                reason = (f"the producer shares its parameter '{shared[0]}' with another layer "
+                          "(param { name }), which would get the folded weights too")
         if reason:
             result.kept.append(Kept(names, reason))
             continue

@@ -166,6 +166,7 @@ def read_prototxt(path: str | os.PathLike) -> Model:
                                    file=path, layer=msg.name)
         graph.layers.append(Layer(name=msg.name, type=msg.type, bottoms=bottoms, tops=tops,
                                   params=params, unknown_fields=per_block.get(idx, []),
+                                  shared_params=[p.name for p in msg.param if p.name],
                                   index=idx))
     model = Model(graph=graph, document=doc, blocks=blocks, excluded=excluded,
                   excluded_blocks=excluded_blocks,

@@ -324,3 +324,16 @@ def test_merged_prototxt_keeps_everything_else_verbatim(tmp_path):
     reread = read_prototxt(result.out / result.manifest["merged"]["prototxt"])
     assert [l.type for l in reread.graph.layers] == ["Convolution", "Upsample"]
     assert reread.graph.layers[1].unknown_fields == ["some_fork_field"]
+
+
+def test_no_fold_into_weights_shared_with_another_layer(tmp_path):
+    """Caffe gives both layers the blob of the shared param name: folding one BatchNorm
+    into it would change the other layer's results."""
+    shared = ' param { name: "w_shared" }'
+    text = (INPUT + conv("a", "data").replace('top: "a"', 'top: "a"' + shared)
+            + conv("b", "data").replace('top: "b"', 'top: "b"' + shared)
+            + bn("a/bn", "a") + scale("a/s", "a"))
+    model = build(tmp_path, text)
+    plan = fold.plan(model.graph)
+    assert plan.folds == []
+    assert "shares its parameter 'w_shared'" in plan.kept[0].reason

@@ -41,6 +41,8 @@ class Result:
 
 def default_weights(prototxt: str | os.PathLike) -> Path:
     p = Path(prototxt)
+    if not p.is_file():
+        raise ModelFormatError("no such file" if not p.exists() else "is not a file", file=p)
     candidate = p.with_suffix(".caffemodel")
     if not candidate.exists():
         raise ModelFormatError(f"no weights given and {candidate} does not exist: pass the "

@@ -184,3 +184,8 @@ def test_error_unknown_bottom(tmp_path):
 def test_errors_are_one_exception_family(tmp_path):
     with pytest.raises(Caffe2MetalError):
         read_model(tmp_path / "missing.prototxt")
+
+
+def test_convert_names_a_missing_prototxt_before_its_weights(tmp_path):
+    _assert_clean_error(_cli("convert", tmp_path / "nope.prototxt"), "nope.prototxt",
+                        "no such file")

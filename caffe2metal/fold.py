@@ -49,6 +49,11 @@ PRODUCERS = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise", "Dec
 _PARAM_KEY = {"InnerProduct": "inner_product_param"}
 
 
+def param_key(layer_type: str) -> str:
+    """Where a producer type keeps num_output/bias_term/axis/group."""
+    return _PARAM_KEY.get(layer_type, "convolution_param")
+
+
 @dataclass
 class Fold:
     producer: str
@@ -71,7 +76,7 @@ class Plan:
 
 
 def _out_axis_param(layer: Layer) -> dict:
-    return layer.params.get(_PARAM_KEY.get(layer.type, "convolution_param"), {})
+    return layer.params.get(param_key(layer.type), {})
 
 
 def _describe(graph: Graph, layer: Layer | None, blob: str) -> str:
@@ -191,8 +196,8 @@ def first_nonfinite(a: np.ndarray, chunk: int = 1 << 20) -> int | None:
     return None
 
 
-def _check_finite(graph: Graph, layer: Layer, index: int, blob=None) -> None:
-    blob = np.asarray(layer.blobs[index] if blob is None else blob)
+def _check_finite(graph: Graph, layer: Layer, index: int) -> None:
+    blob = np.asarray(layer.blobs[index])
     bad = first_nonfinite(blob)
     if bad is not None:
         raise GraphError(f"holds {blob.reshape(-1)[bad]} at element {bad}", file=graph.source,
@@ -387,7 +392,7 @@ def apply(graph: Graph, the_plan: Plan) -> Graph:
             raise GraphError(f"folding {', '.join(f.layers)} into it gives values beyond "
                              "float32 (a variance + eps near 0 or huge weights?)",
                              file=graph.source, layer=prod.name, blob=e.blob) from None
-        key = _PARAM_KEY.get(prod.type, "convolution_param")
+        key = param_key(prod.type)
         params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
         new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)
         folded.update(f.layers)

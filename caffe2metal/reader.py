@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 from google.protobuf import text_format
 
 from . import shapes as shape_rules

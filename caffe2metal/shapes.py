@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import GraphError
-from .graph import Graph, Layer
+from .graph import Graph
 
 Shape = tuple
 
@@ -248,14 +248,8 @@ _SAME_SHAPE_NO_PARAMS = (
 )
 
 
-@rule(*_SAME_SHAPE_NO_PARAMS)
+@rule(*_SAME_SHAPE_NO_PARAMS, "Split")
 def _same(layer, ins):
-    (x,) = _need(ins, 1)[:1]
-    return [x] * len(layer.tops), []
-
-
-@rule("Split")
-def _split(layer, ins):
     (x,) = _need(ins, 1)[:1]
     return [x] * len(layer.tops), []
 

@@ -53,12 +53,10 @@ def fill(doc: Document, fields: list[Field], message, skip: set[int] = frozenset
                 _fail(doc, f.start, f"field \"{f.name}\" needs a {{ ... }} value")
             if not fd.is_repeated and message.HasField(f.name):
                 _fail(doc, f.start, f"non-repeated field \"{f.name}\" is set twice")
-            for part in _message_parts(f):
-                target = getattr(message, f.name).add() if fd.is_repeated else \
-                    getattr(message, f.name)
-                if not fd.is_repeated:
-                    target.SetInParent()
-                fill(doc, part, target, skip)
+            target = getattr(message, f.name).add() if fd.is_repeated else \
+                getattr(message, f.name)
+            target.SetInParent()
+            fill(doc, f.children, target, skip)
             continue
         if f.children is not None:
             _fail(doc, f.start, f"field \"{f.name}\" takes a value, not a {{ ... }} block")
@@ -75,11 +73,6 @@ def fill(doc: Document, fields: list[Field], message, skip: set[int] = frozenset
 
 class Unsupported(Exception):
     """A construct this filler leaves to text_format (message lists, extensions)."""
-
-
-def _message_parts(f: Field) -> list[list[Field]]:
-    """A message field's value: one ``{...}`` or ``<...>`` block."""
-    return [f.children]
 
 
 def _scalar_tokens(doc: Document, f: Field):

@@ -16,11 +16,10 @@ import re
 
 from . import textproto
 from .caffemodel import ModelLayer, write_caffemodel
-from .fold import Plan
+from .fold import Plan, param_key
 from .graph import Graph
 from .reader import Model
 
-_PARAM_KEY = {"InnerProduct": "inner_product_param"}
 
 
 def _quote(name: str) -> str:
@@ -57,7 +56,7 @@ def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
         if textproto.unquote(tops[0].value) != new_top:
             edits.append((tops[0].value_start, tops[0].value_start + len(tops[0].value),
                           _quote(new_top)))
-        key = _PARAM_KEY.get(layer.type, "convolution_param")
+        key = param_key(layer.type)
         param = block.get(key)[0]
         bias = param.get("bias_term")
         if bias:

@@ -7,7 +7,6 @@ when stderr is not a terminal), and the streaming/page-release helpers.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -30,11 +30,6 @@ from caffe2metal.reader import read_model, read_prototxt
 
 ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    import caffe2metal.metal  # noqa: F401
-    HAVE_METAL = True
-except ImportError:            # metal.py is written by another engineer
-    HAVE_METAL = False
 
 
 # ---------------------------------------------------------------- helpers
@@ -430,7 +425,7 @@ def test_hostile_layer_names_never_leave_out(tmp_path, name):
     for f in out.rglob("*"):
         assert not f.is_symlink()
         assert f.resolve().is_relative_to(out.resolve())
-    if HAVE_METAL and manifest.get("layers"):
+    if manifest.get("layers"):
         for entry in manifest["layers"]:
             for key in ("weights", "bias"):
                 rel = Path(entry[key]["file"])
@@ -458,7 +453,6 @@ def test_name_with_a_newline_gives_a_one_line_error(tmp_path):
     assert "\n" not in line
 
 
-@pytest.mark.skipif(not HAVE_METAL, reason="metal.py not present")
 def test_two_names_that_sanitise_to_one_file_are_an_error(tmp_path):
     text = chain_text(conv="a/b").replace(
         'layer { name: "fc"', 'layer { name: "a_b" type: "Convolution" bottom: "c" top: "c2"\n'
@@ -543,7 +537,6 @@ def test_interrupt_while_writing_removes_the_partial_dir(tmp_path):
 
 def test_signals_during_the_swap_are_delivered_after_it(tmp_path):
     from caffe2metal import output
-    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         with output._signals_held():
             os.kill(os.getpid(), signal.SIGINT)
@@ -690,8 +683,7 @@ def test_converting_the_merged_output_again_changes_nothing(tmp_path):
     assert (tmp_path / "out2" / m2["caffemodel"]).read_bytes() == merged_weights.read_bytes()
     assert (tmp_path / "out2" / m2["prototxt"]).read_text() == merged_proto.read_text()
     files1, files2 = _metal_files(tmp_path / "out1"), _metal_files(tmp_path / "out2")
-    if HAVE_METAL:
-        assert files1, "metal.py wrote no weight files"
+    assert files1, "metal.py wrote no weight files"
     assert files1 == files2
     # and a third time, in place of its own input directory
     third = convert(tmp_path / "out2" / m2["prototxt"], tmp_path / "out2" / m2["caffemodel"],

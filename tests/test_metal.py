@@ -700,7 +700,7 @@ layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_fla
         proto.write_text(text.replace("LOC", str(loc)).replace(
             "num_output: 2 kernel_size", f"num_output: {2 * loc // 4} kernel_size"))
         model, weights = with_weights(proto, calibrate=False)
-        result = convert(proto, weights, d / "out")
+        convert(proto, weights, d / "out")
         manifest = json.loads((d / "out" / "manifest.json").read_text())
         assert ("ssd" in manifest) == consistent
         assert (d / "out" / "metal" / "priors.dat").exists() == consistent

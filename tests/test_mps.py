@@ -14,7 +14,6 @@ O(10); float32 rounding is ~1e-6).  OpenCV computes in float32 with its own
 summation order: rtol=1e-4, atol=1e-4.
 """
 
-import struct
 
 import cv2
 import numpy as np

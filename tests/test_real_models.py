@@ -13,7 +13,6 @@ same math); that changes nothing that is computed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -23,7 +22,6 @@ import pytest
 from caffe2metal import fold, synth
 from caffe2metal.convert import convert
 from caffe2metal.reader import read_model
-from caffe2metal.write_caffe import merged_prototxt
 from conftest import real_models, model_id, with_weights
 
 MODELS = real_models()

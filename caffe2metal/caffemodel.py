@@ -98,10 +98,9 @@ optional ``progress(nbytes)`` callback sees every byte written.
 Memory
 ------
 Pages of the mapping that have been read stay resident (and count in the
-process's RSS) while the mapping lives.  :func:`release` gives back the pages
-behind arrays that have been consumed (the arrays stay valid), so a pipeline
-that turns every blob into a new one can keep one copy of the model in memory
-instead of two.
+process's RSS) while the mapping lives: one copy of the model.  A pipeline
+that streams what it computes from them (``fold.FoldedWeights`` into
+:func:`write_caffemodel`) adds only the blocks in flight.
 """
 from __future__ import annotations
 
@@ -124,7 +123,6 @@ __all__ = [
     "read_caffemodel",
     "parse_caffemodel",
     "write_caffemodel",
-    "release",
 ]
 
 # V1LayerParameter.LayerType number -> modern type string.  Numbers from
@@ -586,57 +584,6 @@ def _read_bounded(f, path) -> bytes:
                                    file=path)
 
 
-def _mapping(array):
-    """The mmap a read-only caffemodel array is a view of, or None."""
-    base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
-
-
-def release(*arrays) -> int:
-    """Give back the memory pages behind caffemodel arrays once they are consumed.
-
-    Blobs from :func:`read_caffemodel` are views of a read-only file mapping:
-    every page read stays in the process (and counts in its RSS) as long as
-    the mapping lives, so a pipeline that reads all weights and writes new
-    ones peaks at twice the model.  ``release(blob)`` drops the pages that
-    hold ``blob`` from the process (``madvise(MADV_DONTNEED)``); the array
-    stays valid and any later read brings the pages back from the page cache
-    or the file.  Pages shared with neighbouring blobs are dropped too (they
-    come back the same way).
-
-    Arrays that are not views of a mapping (copies, blobs parsed from bytes,
-    non-packed data) are ignored, as is everything on platforms without
-    ``madvise``.  Returns the number of bytes advised.
-    """
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:
-        return 0
-    done = 0
-    for array in arrays:
-        array = np.asarray(array)
-        mm = _mapping(array)
-        if mm is None or array.nbytes == 0 or not array.flags.c_contiguous:
-            continue
-        origin = np.frombuffer(mm, np.uint8, 1).__array_interface__["data"][0]
-        start = array.__array_interface__["data"][0] - origin
-        end = start + array.nbytes
-        page = mmap.PAGESIZE
-        lo = start - start % page
-        hi = min(len(mm), -(-end // page) * page)
-        if not 0 <= lo < hi:
-            continue
-        try:
-            mm.madvise(advice, lo, hi - lo)
-        except (OSError, ValueError):
-            continue                        # advice only: never an error
-        done += hi - lo
-    return done
-
-
 # ---------------------------------------------------------------------------
 # writer
 
@@ -659,7 +606,10 @@ def _string_field(tag: bytes, s: str) -> bytes:
 
 
 def _prepare_blob(blob, label: str, layer: str, index: int):
-    """-> (float32 contiguous 1-D data, packed dims payload)."""
+    """-> (float32 data: contiguous 1-D array, or a lazy blob with ``row_blocks``;
+    packed dims payload)."""
+    if hasattr(blob, "row_blocks"):            # fold.FoldedWeights: float32 rows on demand
+        return blob, b"".join(_varint_bytes(d) for d in blob.shape)
     arr = np.asarray(blob)
     if arr.dtype.kind != "f":
         raise ExportError(f"blob dtype {arr.dtype} is not floating point",
@@ -678,26 +628,35 @@ def _prepare_blob(blob, label: str, layer: str, index: int):
     return data.reshape(-1), dims
 
 
+def _bytes(array) -> memoryview:
+    """The little-endian float32 bytes of ``array`` (no copy when it already is that)."""
+    return memoryview(np.ascontiguousarray(array, "<f4").reshape(-1)).cast("B")
+
+
 _WRITE_CHUNK = 1 << 26      # big blobs are written in pieces of 64 MiB (progress granularity)
 _SMALL_BLOB = 1 << 16       # blobs up to 64 KiB are copied into the frame buffer
 _FRAME_BUFFER = 1 << 20     # which is flushed once it holds 1 MiB
 
 
 def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str,
-                  progress: Callable[[int], object] | None = None) -> int:
+                  progress: Callable[[int], object] | None = None, io=None) -> int:
     total = 0
     out = bytearray()
 
-    def advance(n: int) -> None:
+    def emit(data) -> None:
         nonlocal total
+        if io is None:
+            f.write(data)
+        else:
+            io.write(f, data, name=label)
+        n = memoryview(data).nbytes
         total += n
         if progress is not None:
             progress(n)
 
     def flush() -> None:
         if out:
-            f.write(out)
-            advance(len(out))
+            emit(bytes(out) if io is not None else out)
             out.clear()
 
     def write_layer(index: int, layer) -> None:
@@ -732,15 +691,17 @@ def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str,
             out.extend(b"\x3a" + _varint_bytes(blob_size))
             if nbytes:
                 out.extend(b"\x2a" + _varint_bytes(nbytes))
-                raw = memoryview(data).cast("B")
-                if nbytes <= _SMALL_BLOB:          # copied into the frame buffer: fewer writes
-                    out.extend(raw)
+                if not isinstance(data, np.ndarray):   # lazy: computed a block at a time
+                    flush()
+                    for block in data.row_blocks():
+                        emit(_bytes(block))
+                elif nbytes <= _SMALL_BLOB:        # copied into the frame buffer: fewer writes
+                    out.extend(memoryview(data).cast("B"))
                 else:                              # written straight from the array
                     flush()
+                    raw = memoryview(data).cast("B")
                     for start in range(0, nbytes, _WRITE_CHUNK):
-                        piece = raw[start:start + _WRITE_CHUNK]
-                        f.write(piece)
-                        advance(len(piece))
+                        emit(raw[start:start + _WRITE_CHUNK])
             out.extend(b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg)
             if len(out) >= _FRAME_BUFFER:
                 flush()
@@ -748,16 +709,23 @@ def _write_stream(f: BinaryIO, layers: Iterable, net_name: str, label: str,
     if net_name:
         out += _string_field(b"\x0a", net_name)
     index = 0
-    for layer in layers:            # (not enumerate: its cached tuple would keep the layer)
-        write_layer(index, layer)
-        del layer
-        index += 1
-    flush()
+    try:
+        for layer in layers:        # (not enumerate: its cached tuple would keep the layer)
+            write_layer(index, layer)
+            del layer
+            index += 1
+        flush()
+    except BaseException:
+        if io is not None:
+            io.abort()              # nothing more reaches f, which the caller closes
+        raise
+    if io is not None:
+        io.wait()                   # every byte in f (or the error) before returning
     return total
 
 
 def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,
-                     progress: Callable[[int], object] | None = None) -> int:
+                     progress: Callable[[int], object] | None = None, io=None) -> int:
     """Write ``layers`` as a modern binary caffemodel; return the byte count.
 
     ``layers`` may be any iterable (a generator is consumed once) of objects
@@ -772,11 +740,17 @@ def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,
     every 64 MiB at most (for a progress bar).  Layers are pulled from
     ``layers`` one at a time and each blob is written straight from its
     buffer, so a generator that builds one layer at a time keeps only that
-    layer in memory.
+    layer in memory.  A blob may also be lazy: an object with ``shape``,
+    ``nbytes`` and ``row_blocks()`` yielding float32 rows in order (a
+    ``fold.FoldedWeights``), written a block at a time as it is computed.
+
+    ``io``, a :class:`~caffe2metal.writeback.WriteBehind`, does the writes on
+    its thread while the next block is computed; they are all done (or
+    reported) when this returns.
     """
     if hasattr(path_or_fileobj, "write"):
         label = str(getattr(path_or_fileobj, "name", "<stream>"))
-        return _write_stream(path_or_fileobj, layers, net_name, label, progress)
+        return _write_stream(path_or_fileobj, layers, net_name, label, progress, io)
     path = os.fspath(path_or_fileobj)
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
@@ -788,7 +762,7 @@ def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,
                           file=path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            written = _write_stream(f, layers, net_name, path, progress)
+            written = _write_stream(f, layers, net_name, path, progress, io)
         os.replace(tmp, path)
     except OSError as err:
         _unlink_quietly(tmp)

@@ -15,6 +15,7 @@ only then.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,11 +25,13 @@ from pathlib import Path
 from . import fold
 from .errors import ExportError, ModelFormatError
 from .output import atomic_directory
+from .writeback import WriteBehind
 from .reader import Model, read_model
 from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
 
 FORMAT, VERSION = "caffe2metal", 1
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
+WRITE_BEHIND_MIN_BYTES = 16 << 20      # from here on a writer thread overlaps compute and I/O
 
 
 @dataclass
@@ -71,11 +74,11 @@ def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: s
 
 
 def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
-    bar.stage("reading and folding")
+    bar.stage("reading")
     model = read_model(prototxt, caffemodel)
     graph = model.graph
     the_plan = fold.plan(graph)
-    merged = fold.apply(graph, the_plan)
+    merged = fold.apply(graph, the_plan, lazy=True)     # folded as written, block by block
     stem = Path(prototxt).stem
     names = {"prototxt": f"{stem}_merged.prototxt", "caffemodel": f"{stem}_merged.caffemodel"}
     text = merged_prototxt(model, merged, the_plan)
@@ -94,12 +97,19 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
     }
     with atomic_directory(out) as tmp:
         write_prototxt(tmp / names["prototxt"], text)
-        bar.stage("writing the merged caffemodel")
-        write_merged_caffemodel(tmp / names["caffemodel"], merged, progress=bar.advance)
-        if metal:
-            bar.stage("writing Metal weights")
-            from .metal import export
-            manifest.update(export(model, merged, the_plan, tmp, dtype=dtype, naming=naming))
+        with contextlib.ExitStack() as stack:
+            io = stack.enter_context(WriteBehind(enabled=bar.size >= WRITE_BEHIND_MIN_BYTES))
+            if metal:               # Metal files of folded layers: from the same folded blocks
+                from . import metal as mtl
+                streams = stack.enter_context(mtl.stream_folded(model, merged, tmp, dtype=dtype,
+                                                                io=io))
+            bar.stage("folding and writing the merged caffemodel")
+            write_merged_caffemodel(tmp / names["caffemodel"], merged, progress=bar.advance,
+                                    io=io)
+            if metal:
+                bar.stage("writing Metal weights")
+                manifest.update(mtl.export(model, merged, the_plan, tmp, dtype=dtype,
+                                           naming=naming, io=io, streams=streams))
         bar.stage("finishing")
         try:
             text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"

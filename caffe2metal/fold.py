@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .caffemodel import release
 from .errors import GraphError
 from .graph import Graph, Layer
 
@@ -317,22 +316,89 @@ def output_channels(layer: Layer) -> int:
     return w.shape[0]
 
 
-_BLOCK_BYTES = 1 << 24          # fold big weights 16 MiB of source at a time
+BLOCK_BYTES = 1 << 21           # folded weights are handed out 2 MiB at a time (see below)
 
 
-def fold_weights(layer: Layer, k: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W' and b' (float32) of ``layer`` followed by the affine (k, c).
+class FoldedWeights:
+    """A producer's folded weights ``W' = W*k``, computed when asked for.
 
-    Computed in float64 and rounded to float32 once, a block of rows (16 MiB of
-    source) at a time through one reused float64 buffer: the same bits as
-    ``(W.astype(float64) * k).astype(float32)`` without the two whole float64
-    copies of W (a VGG fc6 is 411 MB of float32).  The source pages of each
-    block are given back once it is done (``caffemodel.release``), so the
-    folded weights replace the source in memory instead of adding to it."""
+    Weights have at least two axes (``_check_producer``).  Holds only the source weights (a view of the caffemodel) and the
+    per-channel factors.  Slicing rows (``fw[i:j]``, axis 0) computes those
+    rows; ``np.asarray(fw)`` computes all of them; :meth:`row_blocks` yields
+    them ``BLOCK_BYTES`` at a time.  The streaming writers (merged caffemodel,
+    Metal files) take big layers block by block, so the folded copy of a VGG
+    fc6 (411 MB) never exists whole and the source pages are the only copy of
+    the model in memory.
+
+    Every row is computed in float64 and rounded to float32 once (numpy's
+    buffered casting: no float64 copy of the weights either); a value that
+    does not fit in float32 raises :class:`GraphError` naming the producer.
+
+    Blocks are small on purpose: malloc serves a few MiB from memory it has
+    already faulted in, while every 16 MiB block is a fresh mapping whose pages
+    the kernel must zero (measured: 5x slower over a VGG16).
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source: np.ndarray, mult: np.ndarray, *, file=None, layer: str = "",
+                 chain: list[str] | None = None):
+        self.source, self.mult = source, mult
+        self.shape, self.ndim, self.size = source.shape, source.ndim, source.size
+        self.nbytes = self.size * self.dtype.itemsize
+        self.observers: list = []      # fn(first_row, rows) for every block row_blocks makes
+        self._where = (file, layer, list(chain or []))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.shape[0])
+            return self.rows(start, max(start, stop))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.rows(0, len(self))
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        w = self.source[start:stop]
+        m = self.mult if self.mult.shape[0] == 1 else self.mult[start:stop]
+        out = np.empty(w.shape, np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(w, m, out=out, dtype=np.float64, casting="same_kind")
+        if not np.isfinite(out).all():
+            self._overflow(w, start)
+        return out
+
+    def row_blocks(self, block_bytes: int | None = None):
+        """The folded rows, ``block_bytes`` (default ``BLOCK_BYTES``) of them, at least
+        one row, at a time."""
+        block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+        n = len(self)
+        rows = max(1, block_bytes // max(1, self.nbytes // max(1, n)))
+        for i in range(0, n, rows):
+            block = self.rows(i, min(n, i + rows))
+            for observe in self.observers:
+                observe(i, block)
+            yield block
+
+    def _overflow(self, w: np.ndarray, start: int):
+        file, layer, chain = self._where
+        bad = first_nonfinite(w)
+        if bad is not None:                     # the source itself (not from the reader?)
+            at = start * (self.size // max(1, len(self))) + bad
+            raise GraphError(f"holds {w.reshape(-1)[bad]} at element {at}", file=file,
+                             layer=layer, blob=0)
+        raise GraphError(f"folding {', '.join(chain)} into it gives values beyond float32 (a "
+                         "variance + eps near 0 or huge weights?)", file=file, layer=layer,
+                         blob=0)
+
+
+def folded_weights(graph: Graph, layer: Layer, k: np.ndarray, fold_layers=()) -> FoldedWeights:
+    """``layer``'s weights followed by the per-channel factors ``k``, as a FoldedWeights."""
     w = np.asarray(layer.blobs[0])
-    b = (np.asarray(layer.blobs[1], dtype=np.float64).reshape(-1) if len(layer.blobs) > 1
-         else np.zeros(k.size))
-    out = np.empty(w.shape, np.float32)
     if layer.type == "Deconvolution":
         group = _out_axis_param(layer).get("group", 1)
         cin, per = w.shape[0], w.shape[1]
@@ -343,31 +409,14 @@ def fold_weights(layer: Layer, k: np.ndarray, c: np.ndarray) -> tuple[np.ndarray
         mult = k.reshape(1, -1)                 # the same factors for every row
     else:
         mult = k.reshape((-1,) + (1,) * (w.ndim - 1))
-    rows = max(1, _BLOCK_BYTES // max(1, w[:1].nbytes)) if w.shape[0] else 1
-    buf = np.empty((min(rows, w.shape[0]),) + w.shape[1:], np.float64)
-    limit = float(np.finfo(np.float32).max)
-    for i in range(0, w.shape[0], rows):
-        block = buf[:min(rows, w.shape[0] - i)]
-        np.copyto(block, w[i:i + rows])                     # exact: float32 -> float64
-        block *= mult if mult.shape[0] == 1 else mult[i:i + rows]
-        if not (np.abs(block) <= limit).all():              # NaN, inf, or beyond float32
-            bad = first_nonfinite(w[i:i + rows])
-            raise _NonFinite(0, None if bad is None else (i * block[0].size + bad))
-        np.copyto(out[i:i + rows], block, casting="same_kind")   # one rounding to float32
-        release(w[i:i + rows])
-    return out, (b * k + c).astype(np.float32)
+    return FoldedWeights(w, mult, file=graph.source, layer=layer.name, chain=list(fold_layers))
 
 
-class _NonFinite(Exception):
-    """Folded values beyond float32: ``at`` is where the source itself was not finite."""
+def apply(graph: Graph, the_plan: Plan, *, lazy: bool = False) -> Graph:
+    """A new graph with every planned fold done; the input graph is not changed.
 
-    def __init__(self, blob: int, at: int | None):
-        super().__init__(blob, at)
-        self.blob, self.at = blob, at
-
-
-def apply(graph: Graph, the_plan: Plan) -> Graph:
-    """A new graph with every planned fold done; the input graph is not changed."""
+    ``lazy``: the folded weights are :class:`FoldedWeights` (computed as they
+    are written, so an overflow is reported then) instead of arrays."""
     by_name = {l.name: l for l in graph.layers}
     folded: set[str] = set()
     new_layers: dict[str, Layer] = {}
@@ -379,19 +428,17 @@ def apply(graph: Graph, the_plan: Plan) -> Graph:
         if k.size != channels:
             raise GraphError(f"has {k.size} channels but '{prod.name}' produces {channels}",
                              file=graph.source, layer=chain[0].name)
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                w, b = fold_weights(prod, k, c)
-            if not (np.abs(b) <= np.finfo(np.float32).max).all():
-                raise _NonFinite(1, None)
-        except _NonFinite as e:
-            if e.at is not None:
-                value = np.asarray(prod.blobs[0]).reshape(-1)[e.at]
-                raise GraphError(f"holds {value} at element {e.at}", file=graph.source,
-                                 layer=prod.name, blob=0) from None
+        w = folded_weights(graph, prod, k, f.layers)
+        if not lazy:
+            w = np.asarray(w)
+        b = (np.asarray(prod.blobs[1], dtype=np.float64).reshape(-1) if len(prod.blobs) > 1
+             else np.zeros(k.size))
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = (b * k + c).astype(np.float32)
+        if not np.isfinite(b).all():
             raise GraphError(f"folding {', '.join(f.layers)} into it gives values beyond "
                              "float32 (a variance + eps near 0 or huge weights?)",
-                             file=graph.source, layer=prod.name, blob=e.blob) from None
+                             file=graph.source, layer=prod.name, blob=1)
         key = param_key(prod.type)
         params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
         new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)

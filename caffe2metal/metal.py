@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from pathlib import Path
 
@@ -133,10 +134,13 @@ def file_names(name: str, naming: str = "apple") -> tuple[str, str]:
 
 
 class _Writer:
-    """Writes files under OUT/metal and refuses two owners for one file."""
+    """Writes files under OUT/metal and refuses two owners for one file.  With a
+    ``WriteBehind`` (``io``) the bytes go to disk on its thread while the next
+    block is laid out and hashed here."""
 
-    def __init__(self, out: Path):
-        self.out = Path(out)
+    def __init__(self, out: Path, io=None, streams: "Streams | None" = None):
+        self.out, self.io = Path(out), io
+        self.streams = streams
         self.dir = self.out / METAL_DIR
         self.owners: dict[str, tuple[str, str]] = {}   # lower-case file name -> (owner, file)
 
@@ -159,29 +163,55 @@ class _Writer:
         path = self.dir / file
         if path.parent != self.dir or file in ("", ".", ".."):     # safe_name makes this impossible
             raise ExportError(f"file name {file!r} would leave {self.dir}", layer=owner)
+        spec = {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
+                "layout": layout}
+        done = self.streams.take(array, path, dtype) if self.streams is not None else None
+        if done is not None:                       # written while the caffemodel was
+            return {**spec, "sha256": done}
         blocks = array if isinstance(array, _RowBlocks) else (array,)
         digest = hashlib.sha256()
         self.dir.mkdir(exist_ok=True)
         try:
-            with open(path, "xb") as f:
-                for block in blocks:
-                    arr = np.ascontiguousarray(block, dtype=DTYPES[dtype])
-                    data = memoryview(arr.reshape(-1)).cast("B")    # the array's bytes, no copy
-                    f.write(data)
-                    digest.update(data)
+            f = open(path, "xb")
         except FileExistsError:
             raise ExportError(f"{path} already exists", layer=owner) from None
         except OSError as e:
             raise ExportError(f"cannot write: {e.strerror}", file=path, layer=owner) from None
-        return {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
-                "layout": layout, "sha256": digest.hexdigest()}
+        if self.io is None:
+            try:
+                with f:
+                    for block in blocks:
+                        data = _bytes(block, dtype)
+                        f.write(data)
+                        digest.update(data)
+            except OSError as e:
+                raise ExportError(f"cannot write: {e.strerror}", file=path,
+                                  layer=owner) from None
+        else:
+            try:
+                for block in blocks:
+                    data = _bytes(block, dtype)
+                    digest.update(data)
+                    self.io.write(f, data, name=path)
+            finally:
+                self.io.close_file(f, name=path)
+        return {**spec, "sha256": digest.hexdigest()}
+
+
+def _bytes(block, dtype: str) -> memoryview:
+    """The bytes of ``block`` as ``dtype`` in C order (no copy when it already is that)."""
+    return memoryview(np.ascontiguousarray(block, dtype=DTYPES[dtype]).reshape(-1)).cast("B")
+
+
+_ROW_BLOCK_BYTES = 1 << 21      # small blocks: malloc reuses them (see fold.BLOCK_BYTES)
 
 
 class _RowBlocks:
     """A big layout conversion done a block of output rows at a time, so that the
     converted copy never exists whole: ``shape`` of the result, iterate for blocks."""
 
-    def __init__(self, shape, rows_source, convert, block_bytes=1 << 24):
+    def __init__(self, shape, rows_source, convert, block_bytes=None):
+        block_bytes = _ROW_BLOCK_BYTES if block_bytes is None else block_bytes
         self.shape = tuple(shape)
         self.source, self.convert = rows_source, convert
         row = max(1, rows_source[:1].nbytes)
@@ -198,6 +228,120 @@ class _RowBlocks:
         return out
 
 
+class _Stream:
+    """One layer's Metal weights written from the folded blocks the merged-caffemodel
+    writer computes (``FoldedWeights.observers``), into a staging file."""
+
+    def __init__(self, path: Path, blocks: _RowBlocks, dtype: str, io):
+        self.path, self.blocks, self.dtype, self.io = path, blocks, dtype, io
+        self.rows, self.total = 0, blocks.shape[0]
+        self.digest = hashlib.sha256()
+        self.file = None
+        self.broken = False
+
+    def __call__(self, start: int, rows: np.ndarray) -> None:
+        if self.broken or start != self.rows:       # not in order: export() writes it anew
+            self.broken = True
+            return
+        if self.file is None:
+            self.file = open(self.path, "xb")
+        data = _bytes(self.blocks.convert(rows), self.dtype)
+        self.digest.update(data)
+        if self.io is None:
+            self.file.write(data)
+        else:
+            self.io.write(self.file, data, name=self.path)
+        self.rows += len(rows)
+        if self.rows == self.total:
+            self.close()
+
+    @property
+    def complete(self) -> bool:
+        return not self.broken and self.rows == self.total and self.total > 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            if self.io is None:
+                self.file.close()
+            else:
+                self.io.close_file(self.file, name=self.path)
+            self.file = None
+
+
+class Streams:
+    """The Metal weights of lazily folded layers, written as the merged caffemodel is.
+
+    Made by :func:`stream_folded` before the merged caffemodel is written;
+    :func:`export` then renames each completed staging file to its final name
+    (claimed in net order as usual) and takes its sha256, instead of folding
+    and laying out the weights a second time.  Use as a context manager: files
+    left open by a failed conversion are closed on the way out, and staging
+    files nobody took are removed."""
+
+    def __init__(self, dtype: str = "float32"):
+        self.dtype = dtype
+        self.by_source: dict[int, _Stream] = {}
+
+    def take(self, array, path: Path, dtype: str) -> str | None:
+        """The sha256 of ``array``'s weights if a stream wrote them (now renamed to
+        ``path``; its last bytes may still be on their way through the writer
+        thread, into the same file), else None."""
+        key = id(getattr(array, "source", None))
+        stream = self.by_source.get(key)
+        if stream is None or not stream.complete or dtype != self.dtype:
+            return None
+        del self.by_source[key]
+        try:
+            os.replace(stream.path, path)
+        except OSError as e:
+            raise ExportError(f"cannot write: {e.strerror}", file=path) from None
+        return stream.digest.hexdigest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for stream in self.by_source.values():        # never taken: not part of the output
+            stream.close()
+            try:
+                os.unlink(stream.path)
+            except OSError:
+                pass
+        self.by_source.clear()
+        return False
+
+
+def stream_folded(model, merged: Graph, out, *, dtype: str = "float32", io=None) -> Streams:
+    """Arrange for the Metal weights of every lazily folded layer whose layout goes row
+    by row (convolution, depthwise, fully connected) to be written from the blocks the
+    merged-caffemodel writer folds: one fold instead of two.  Call before writing the
+    merged caffemodel, pass the result to :func:`export` after."""
+    streams = Streams(dtype)
+    if dtype not in DTYPES:
+        return streams                                  # export() reports it
+    directory = Path(out) / METAL_DIR
+    shapes = model.shapes.blobs
+    for i, layer in enumerate(merged.layers):
+        w = layer.blobs[0] if layer.blobs else None
+        if (layer.type not in EXPORTERS or not isinstance(w, fold.FoldedWeights)
+                or len(layer.bottoms) != 1 or len(layer.tops) != 1):
+            continue
+        try:
+            geo = EXPORTERS[layer.type](layer, shapes.get(layer.bottoms[0]))
+        except ExportError:
+            continue                                    # export() reports it
+        blocks = geo["weights"]
+        if not isinstance(blocks, _RowBlocks) or blocks.source is not w:
+            continue
+        owner = layer.name
+        cast = blocks.map(lambda b, owner=owner: _cast(b, dtype, owner, checked=True))
+        directory.mkdir(parents=True, exist_ok=True)
+        stream = _Stream(directory / f".stream-{i}.partial", cast, dtype, io)
+        streams.by_source[id(w)] = stream
+        w.observers.append(stream)
+    return streams
+
+
 # ---------------------------------------------------------------- per-type layouts
 
 def _pair_list(t) -> list[int]:
@@ -208,9 +352,20 @@ def _param(layer: Layer, key: str) -> dict:
     return layer.params.get(key, {})
 
 
+def _layout(shape, w, convert):
+    """``convert(w)``, or the same a block of rows at a time (a ``_RowBlocks``) when
+    ``w`` is big or folded lazily: the converted copy then never exists whole."""
+    if isinstance(w, fold.FoldedWeights) or w.nbytes > _ROW_BLOCK_BYTES:
+        convert(w[:1])                              # the checks, on one row
+        return _RowBlocks(shape, w, convert)
+    return convert(np.asarray(w))
+
+
 def _conv_like(layer: Layer, in_shape, transpose: bool) -> dict:
     p = _param(layer, "convolution_param")
-    w = np.asarray(layer.blobs[0])
+    w = layer.blobs[0]                              # an array or fold.FoldedWeights
+    if not isinstance(w, fold.FoldedWeights):
+        w = np.asarray(w)
     if w.ndim != 4:
         raise ExportError(f"has {w.ndim}-D weights {list(w.shape)}: MPS convolutions are 2-D",
                           layer=layer.name)
@@ -221,10 +376,11 @@ def _conv_like(layer: Layer, in_shape, transpose: bool) -> dict:
         geo = conv_geometry(p, 2)
     except ValueError as e:
         raise ExportError(str(e), layer=layer.name) from None
+    kh, kw = w.shape[2:]
     if transpose:                                   # Caffe Deconvolution: W [in][out/g][kH][kW]
         group = int(p.get("group", 1))
         cin, cout = w.shape[0], w.shape[1] * group
-        arr = mps.deconv_weights(w, group)
+        arr = mps.deconv_weights(np.asarray(w), group)
         kind = "convolution_transpose"
     else:
         if layer.type == "ConvolutionDepthwise":    # fork type: one group per input channel
@@ -232,17 +388,21 @@ def _conv_like(layer: Layer, in_shape, transpose: bool) -> dict:
         else:
             group = int(p.get("group", 1))
         cin, cout = w.shape[1] * group, w.shape[0]
-        if group > 1 and group == cin == cout:
-            arr = mps.depthwise_weights(w, cin)
+        if group > 1 and group == cin == cout:      # rows are channels: [C][kH][kW]
+            arr = _layout((cout, kh, kw), w, mps.depthwise_weights)
             kind = "depthwise_convolution"
         else:
-            arr = mps.conv_weights(w)
             kind = "convolution"
+            arr = None
     dense_from = None
     per_group = (cin // group, cout // group)
     if kind != "depthwise_convolution" and group > 1 and (per_group[0] % 4 or per_group[1] % 4):
+        if arr is None:
+            arr = mps.conv_weights(np.asarray(w))
         arr = _dense(arr, group, layer.name)
         dense_from, group = group, 1
+    elif arr is None:                               # rows are output channels
+        arr = _layout((cout, kh, kw, w.shape[1]), w, mps.conv_weights)
     return dict(kind=kind, weights=arr, kernel=_pair_list(geo["kernel"]),
                 stride=_pair_list(geo["stride"]), pad=_pair_list(geo["pad"]),
                 dilation=_pair_list(geo["dilation"]), groups=group, dense_from_groups=dense_from,
@@ -289,14 +449,15 @@ def _fc(layer, in_shape):
     else:
         raise ExportError(f"input shape {list(in_shape)} is neither N,C nor N,C,H,W",
                           layer=layer.name)
-    w = layer.blobs[0]
+    w = layer.blobs[0]                                  # an array or fold.FoldedWeights
     transpose = bool(p.get("transpose", False))
+    if transpose:
+        w = np.asarray(w)
     try:
-        if w.ndim == 2 and w.nbytes > (1 << 26) and chw[1] * chw[2] > 1:
+        if w.ndim == 2:
             rows = w.T if transpose else w              # [out][K]
-            arr = _RowBlocks((rows.shape[0], chw[1], chw[2], chw[0]), rows,
-                             lambda r: mps.fc_weights(r, chw))
-            mps.fc_weights(rows[:1], chw)               # the checks, on one row
+            arr = _layout((rows.shape[0], chw[1], chw[2], chw[0]), rows,
+                          lambda r: mps.fc_weights(r, chw))
         else:
             arr = mps.fc_weights(w, chw, transpose=transpose)
     except ValueError as e:
@@ -324,13 +485,18 @@ _register(("InnerProduct",), _fc)
 # ---------------------------------------------------------------- export
 
 def export(model, merged: Graph, plan: fold.Plan, out, *, dtype: str = "float32",
-           naming: str = "apple") -> dict:
-    """Write OUT/metal/* and return the manifest keys ``layers``, ``metal`` (and ``ssd``)."""
+           naming: str = "apple", io=None, streams: Streams | None = None) -> dict:
+    """Write OUT/metal/* and return the manifest keys ``layers``, ``metal`` (and ``ssd``).
+
+    ``merged`` may hold ``fold.FoldedWeights`` (``fold.apply(lazy=True)``): big
+    fully connected layers are then folded, laid out and written a block of
+    rows at a time.  ``io``: a ``writeback.WriteBehind`` for the file writes;
+    ``streams``: from :func:`stream_folded`, the files already written."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown weight dtype '{dtype}' (use float32 or float16)")
     if naming not in NAMINGS:
         raise ExportError(f"unknown naming '{naming}' (use one of {', '.join(NAMINGS)})")
-    writer = _Writer(Path(out))
+    writer = _Writer(Path(out), io, streams)
     graph, shapes = model.graph, model.shapes.blobs
     name = merged.blob_names.get
     folded = {f.producer: f.layers for f in plan.folds}
@@ -344,10 +510,10 @@ def export(model, merged: Graph, plan: fold.Plan, out, *, dtype: str = "float32"
         s = shapes.get(b)
         return {"blob": name(b, b), "shape": None if s is None else list(s)}
 
-    def files(entry_name, geo, weights, bias, owner):
+    def files(entry_name, geo, weights, bias, owner, checked=False):
         wfile, bfile = file_names(entry_name, naming)
-        cast = (weights.map(lambda b: _cast(b, dtype, owner)) if isinstance(weights, _RowBlocks)
-                else _cast(weights, dtype, owner))
+        cast = (weights.map(lambda b: _cast(b, dtype, owner, checked))
+                if isinstance(weights, _RowBlocks) else _cast(weights, dtype, owner, checked))
         wspec = writer.write(wfile, owner, cast, dtype, LAYOUTS[geo["kind"]])
         bspec = writer.write(bfile, owner, _finite32(bias, owner), "float32",
                              "[C] shift" if geo["kind"] == "channel_affine" else "[out]")
@@ -366,7 +532,8 @@ def export(model, merged: Graph, plan: fold.Plan, out, *, dtype: str = "float32"
             if bias.size != n_out:
                 raise ExportError(f"has {bias.size} bias values for {n_out} outputs",
                                   layer=layer.name)
-            wspec, bspec = files(layer.name, geo, geo.pop("weights"), bias, layer.name)
+            wspec, bspec = files(layer.name, geo, geo.pop("weights"), bias, layer.name,
+                                 checked=isinstance(layer.blobs[0], fold.FoldedWeights))
             top = layer.tops[0]
             act = _activation(layer, top, users, outputs, writer, naming, slopes_done)
             entries.append(_entry(layer.name, layer.type, geo, wspec, bspec,
@@ -421,18 +588,20 @@ def _entry(name, caffe_type, geo, wspec, bspec, folded, chain, inp, outp, act) -
             "input": inp, "output": outp, "activation": act}
 
 
-def _finite32(values, owner) -> np.ndarray:
+def _finite32(values, owner, checked: bool = False) -> np.ndarray:
+    """``values`` as float32, checked finite unless they come from ``fold.FoldedWeights``
+    (which checks every value it computes)."""
     a = np.asarray(values)
     if a.dtype != np.float32:
         a = np.asarray(a, np.float64)
-    bad = fold.first_nonfinite(a)
+    bad = None if checked else fold.first_nonfinite(a)
     if bad is not None:
         raise ExportError(f"holds {a.reshape(-1)[bad]} at element {bad}", layer=owner)
     return a.astype(np.float32, copy=False)
 
 
-def _cast(values, dtype, owner) -> np.ndarray:
-    a = _finite32(values, owner)
+def _cast(values, dtype, owner, checked: bool = False) -> np.ndarray:
+    a = _finite32(values, owner, checked)
     if dtype == "float16":
         with np.errstate(over="ignore"):
             h = a.astype(np.float16)

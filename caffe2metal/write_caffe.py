@@ -86,9 +86,12 @@ def merged_layers(graph: Graph):
             yield ModelLayer(name=layer.name, type=layer.type, blobs=layer.blobs)
 
 
-def write_merged_caffemodel(path, graph: Graph, progress=None) -> int:
-    """Stream ``graph``'s blobs to ``path`` (no copy of any array); return the byte count.
+def write_merged_caffemodel(path, graph: Graph, progress=None, io=None) -> int:
+    """Stream ``graph``'s blobs to ``path`` (no copy of any array; lazily folded
+    weights computed block by block); return the byte count.
 
-    ``progress(nbytes)`` is called as bytes are written (see ``write_caffemodel``).
+    ``progress(nbytes)`` is called as bytes are written, ``io`` does the writes
+    on a thread (see ``write_caffemodel``).
     """
-    return write_caffemodel(path, merged_layers(graph), net_name=graph.name, progress=progress)
+    return write_caffemodel(path, merged_layers(graph), net_name=graph.name, progress=progress,
+                            io=io)

@@ -3,7 +3,8 @@
 No timing assertions here: the figures are a report (`make bench`), these
 tests check that the bench builds what it says, that its VGG converts and
 folds every BatchNorm, that the convert path stays lean (no OpenCV, no tqdm
-when stderr is not a terminal), and the streaming/page-release helpers.
+when stderr is not a terminal), and the streaming pieces: lazily folded weights,
+the write-behind thread.
 """
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import numpy as np
 import pytest
 
 from caffe2metal import bench, caffemodel, example
-from caffe2metal.caffemodel import read_caffemodel, release, write_caffemodel
+from caffe2metal import fold
+from caffe2metal.caffemodel import read_caffemodel, write_caffemodel
 from caffe2metal.convert import _Progress, convert
+from caffe2metal.errors import ExportError, GraphError
+from caffe2metal.graph import Graph, Layer
 from caffe2metal.reader import read_model
+from caffe2metal.writeback import WriteBehind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +201,7 @@ def test_progress_is_off_when_not_asked_and_stderr_is_not_a_terminal(tiny_vgg):
 def test_progress_bar_when_forced(tiny_vgg, tmp_path, capsys):
     convert(tiny_vgg[0], tiny_vgg[1], tmp_path / "out", progress=True)
     err = capsys.readouterr().err
-    for stage in ("reading and folding", "writing the merged caffemodel",
+    for stage in ("reading", "folding and writing the merged caffemodel",
                   "writing Metal weights"):
         assert stage in err
 
@@ -237,15 +242,182 @@ def test_writer_holds_one_generated_layer_at_a_time(tmp_path):
     write_caffemodel(tmp_path / "g.caffemodel", layers())
 
 
-# ---------------------------------------------------------------- release
+# ---------------------------------------------------------------- streaming
 
-def test_release_keeps_the_values_and_ignores_non_views(tiny_vgg):
-    layers = read_caffemodel(tiny_vgg[1]).by_name()
-    fc6 = layers["fc6"].blobs[0]
-    before = fc6.copy()
-    assert release(fc6) >= fc6.nbytes
-    np.testing.assert_array_equal(fc6, before)     # pages come back from the file
-    assert release(before, np.zeros(0, np.float32)) == 0
-    data = tiny_vgg[1].read_bytes()
-    parsed = caffemodel.parse_caffemodel(data)
-    assert release(parsed[0].blobs[0]) == 0
+def _old_fold(w, mult):
+    """The fold as first written: whole float64 copy, multiply, one rounding."""
+    return (w.astype(np.float64) * mult).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["conv", "deconv_groups", "ip_transpose"])
+def test_folded_weights_are_the_same_bits_whole_sliced_and_in_blocks(case, monkeypatch):
+    rng = np.random.default_rng(7)
+    if case == "conv":
+        layer = Layer("p", "Convolution", ["x"], ["y"], blobs=[rng.standard_normal(
+            (40, 3, 3, 3), dtype=np.float32)])
+        k = rng.uniform(0.1, 30, 40)
+        mult = k.reshape(-1, 1, 1, 1)
+    elif case == "deconv_groups":
+        layer = Layer("p", "Deconvolution", ["x"], ["y"],
+                      params={"convolution_param": {"group": 2}},
+                      blobs=[rng.standard_normal((6, 5, 2, 2), dtype=np.float32)])
+        k = rng.uniform(0.1, 30, 10)                      # out = 5 per group x 2 groups
+        mult = np.concatenate([np.repeat(k[None, :5], 3, 0), np.repeat(k[None, 5:], 3, 0)])
+        mult = mult.reshape(6, 5, 1, 1)
+    else:
+        layer = Layer("p", "InnerProduct", ["x"], ["y"],
+                      params={"inner_product_param": {"transpose": True}},
+                      blobs=[rng.standard_normal((12, 7), dtype=np.float32)])
+        k = rng.uniform(0.1, 30, 7)
+        mult = k.reshape(1, -1)
+    want = _old_fold(layer.blobs[0], mult)
+    fw = fold.folded_weights(Graph(source="g"), layer, k, ["bn"])
+    assert fw.shape == want.shape and fw.nbytes == want.nbytes and len(fw) == want.shape[0]
+    np.testing.assert_array_equal(np.asarray(fw), want)
+    np.testing.assert_array_equal(fw[2:5], want[2:5])
+    blocks = list(fw.row_blocks(block_bytes=want[0].nbytes * 2 + 1))
+    assert [len(b) for b in blocks][:1] == [2] and len(blocks) == -(-len(want) // 2)
+    np.testing.assert_array_equal(np.concatenate(blocks), want)
+
+
+def test_folded_weights_report_overflow_and_bad_sources():
+    w = np.array([[1e30], [1.0]], np.float32)
+    fw = fold.folded_weights(Graph(source="m.caffemodel"), Layer("ip", "InnerProduct", [], [],
+                                                                  blobs=[w]),
+                             np.array([1e10, 1.0]), ["ip/bn", "ip/scale"])
+    np.testing.assert_array_equal(fw[1:2], [[1.0]])      # only the rows asked for are computed
+    with pytest.raises(GraphError, match=r"m\.caffemodel, layer 'ip', blob 0: folding ip/bn, "
+                                         r"ip/scale into it gives values beyond float32"):
+        np.asarray(fw)
+    w = np.array([[1.0, 2.0], [3.0, np.nan]], np.float32)
+    fw = fold.folded_weights(Graph(source="m"), Layer("c", "InnerProduct", [], [], blobs=[w]),
+                             np.ones(2), ["bn"])
+    with pytest.raises(GraphError, match="layer 'c', blob 0: holds nan at element 3"):
+        list(fw.row_blocks(block_bytes=1))
+
+
+def test_lazy_blobs_are_written_block_by_block_with_the_same_bytes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 50), dtype=np.float32)
+    k = rng.uniform(0.5, 2, 64)
+    fw = fold.folded_weights(Graph(), Layer("fc", "InnerProduct", [], [], blobs=[w]), k)
+    asked = []
+    rows = fold.FoldedWeights.rows
+    monkeypatch.setattr(fold.FoldedWeights, "rows",
+                        lambda self, a, b: asked.append(b - a) or rows(self, a, b))
+    monkeypatch.setattr(fold, "BLOCK_BYTES", 10 * 50 * 4)   # ten rows per block
+    lazy = [caffemodel.ModelLayer("fc", "InnerProduct", [fw, np.ones(64, np.float32)])]
+    eager = [caffemodel.ModelLayer("fc", "InnerProduct", [np.asarray(fw),
+                                                          np.ones(64, np.float32)])]
+    asked.clear()
+    write_caffemodel(tmp_path / "lazy.caffemodel", lazy, net_name="n")
+    assert max(asked) == 10 and sum(asked) == 64             # never the whole layer at once
+    write_caffemodel(tmp_path / "eager.caffemodel", eager, net_name="n")
+    with WriteBehind(max_bytes=1000) as io:                  # and through the writer thread
+        write_caffemodel(tmp_path / "behind.caffemodel", lazy, net_name="n", io=io)
+    want = (tmp_path / "eager.caffemodel").read_bytes()
+    assert (tmp_path / "lazy.caffemodel").read_bytes() == want
+    assert (tmp_path / "behind.caffemodel").read_bytes() == want
+
+
+def test_convert_output_is_the_same_with_and_without_the_writer_thread(tiny_vgg, tmp_path,
+                                                                         monkeypatch):
+    import caffe2metal.convert as conv
+    proto, weights = tiny_vgg
+    monkeypatch.setattr(conv, "WRITE_BEHIND_MIN_BYTES", 1 << 62)
+    a = convert(proto, weights, tmp_path / "a").manifest
+    monkeypatch.setattr(conv, "WRITE_BEHIND_MIN_BYTES", 0)
+    monkeypatch.setattr(fold, "BLOCK_BYTES", 4096)           # many blocks per layer
+    b = convert(proto, weights, tmp_path / "b").manifest
+    assert a["layers"] == b["layers"]                         # sha256 of every file included
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
+                   if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*")
+                           if p.is_file())
+    for f in files:
+        if f.name != "manifest.json":                        # (it names its own directory)
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_write_behind_writes_in_order_and_bounds_what_is_queued(tmp_path):
+    path = tmp_path / "f.bin"
+    chunks = [bytes([i]) * 1000 for i in range(50)]
+    with WriteBehind(max_bytes=3000, max_jobs=2) as io, open(path, "wb") as f:
+        for c in chunks:
+            io.write(f, c)
+            assert io._queued_bytes <= 3000 and len(io._jobs) <= 2
+        io.wait()
+    assert path.read_bytes() == b"".join(chunks)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_write_behind_reports_a_failed_write_with_its_file(enabled):
+    with pytest.raises(ExportError, match=r"^/dev/full: cannot write: No space left"):
+        with WriteBehind(enabled=enabled) as io:
+            f = open("/dev/full", "wb", buffering=0)
+            try:
+                io.write(f, b"x" * 100_000)
+            finally:
+                io.close_file(f)
+            io.wait()
+    assert f.closed
+
+
+def test_write_behind_drops_queued_writes_when_the_caller_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    f = open(path, "wb")
+    with pytest.raises(KeyboardInterrupt):
+        with WriteBehind() as io:
+            for _ in range(200):
+                io.write(f, b"y" * (1 << 20))
+            io.close_file(f)
+            raise KeyboardInterrupt
+    assert f.closed and path.stat().st_size < 200 << 20
+    assert io._thread is None                                  # the worker was joined
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_metal_files_streamed_with_the_fold_equal_a_separate_export(tiny_vgg, tmp_path, dtype,
+                                                                     monkeypatch):
+    from caffe2metal import metal
+    proto, weights = tiny_vgg
+    monkeypatch.setattr(fold, "BLOCK_BYTES", 2048)            # several blocks per layer
+    got = convert(proto, weights, tmp_path / "c", dtype=dtype).manifest
+    # the same without streaming: eager fold, then export on its own
+    model = read_model(proto, weights)
+    plan = fold.plan(model.graph)
+    (tmp_path / "e").mkdir()
+    want = metal.export(model, fold.apply(model.graph, plan), plan, tmp_path / "e", dtype=dtype)
+    assert got["layers"] == want["layers"]                    # names, shapes, sha256
+    for entry in want["layers"]:
+        for key in ("weights", "bias"):
+            f = entry[key]["file"]
+            assert (tmp_path / "c" / f).read_bytes() == (tmp_path / "e" / f).read_bytes()
+    assert not [p for p in (tmp_path / "c" / "metal").iterdir() if p.name.startswith(".")]
+
+
+def test_a_fold_that_fails_while_streaming_leaves_no_output(tiny_vgg, tmp_path):
+    from caffe2metal.errors import Caffe2MetalError
+    proto, weights = tiny_vgg
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    layers = read_caffemodel(weights)
+    bad = []
+    for l in layers:
+        blobs = [np.array(b) for b in l.blobs]
+        if l.name == "conv5_3":
+            blobs[1][:] = 0                 # bias 0, mean 0, beta 0: the folded bias is 0 ...
+        if l.name == "conv5_3/bn":
+            blobs[0][:] = 0
+            blobs[1][:] = 0                 # ... but the weights: variance 0 ...
+        if l.name == "conv5_3/scale":
+            blobs[0][:] = 3e38              # ... times a huge gamma: found while streaming
+            blobs[1][:] = 0
+        bad.append(caffemodel.ModelLayer(l.name, l.type, blobs))
+    write_caffemodel(model_dir / "v.caffemodel", bad, net_name=layers.net_name)
+    with pytest.raises(Caffe2MetalError, match="layer 'conv5_3', blob 0: folding conv5_3/bn, "
+                                               "conv5_3/scale into it gives values beyond"):
+        convert(proto, model_dir / "v.caffemodel", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]      # no staging directory left

@@ -6,6 +6,9 @@ clear line on stderr, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
+import os
 import sys
 
 from .errors import Caffe2MetalError
@@ -109,6 +112,14 @@ _COMMANDS = {"inspect": _inspect, "convert": _convert, "verify": _verify, "compa
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None:
+        # Run as a program: skip collecting every module's objects at interpreter exit
+        # (~30 ms of a 0.3 s MobileNet-SSD conversion); our files are all closed by then.
+        atexit.register(gc.freeze)
+        if args.command == "convert" and not args.verify and "numpy" not in sys.modules:
+            # convert does no linear algebra: no OpenBLAS worker threads spinning on
+            # the cores that folding and writing use (~0.1 s of CPU at numpy's import)
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return _COMMANDS[args.command](args)
     except Caffe2MetalError as e:

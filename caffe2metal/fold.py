@@ -322,13 +322,14 @@ BLOCK_BYTES = 1 << 21           # folded weights are handed out 2 MiB at a time 
 class FoldedWeights:
     """A producer's folded weights ``W' = W*k``, computed when asked for.
 
-    Weights have at least two axes (``_check_producer``).  Holds only the source weights (a view of the caffemodel) and the
-    per-channel factors.  Slicing rows (``fw[i:j]``, axis 0) computes those
-    rows; ``np.asarray(fw)`` computes all of them; :meth:`row_blocks` yields
-    them ``BLOCK_BYTES`` at a time.  The streaming writers (merged caffemodel,
-    Metal files) take big layers block by block, so the folded copy of a VGG
-    fc6 (411 MB) never exists whole and the source pages are the only copy of
-    the model in memory.
+    Holds only the source weights (a view of the caffemodel, at least two
+    axes: ``_check_producer``) and the per-channel factors.  Slicing rows
+    (``fw[i:j]``, axis 0) computes those rows; ``np.asarray(fw)`` computes all
+    of them; :meth:`row_blocks` yields them ``BLOCK_BYTES`` at a time and shows
+    each block to the ``observers`` (``metal.stream_folded`` writes the Metal
+    file from the blocks the merged-caffemodel writer folds: one fold, two
+    outputs).  No folded copy of a layer ever exists whole (a VGG fc6 is
+    411 MB): the source pages are the only copy of the model in memory.
 
     Every row is computed in float64 and rounded to float32 once (numpy's
     buffered casting: no float64 copy of the weights either); a value that

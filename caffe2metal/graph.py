@@ -26,9 +26,9 @@ class Layer:
     blobs: list[np.ndarray] = field(default_factory=list)
     """Parameter blobs in Caffe's shapes (float32 unless the file held doubles)."""
     unknown_fields: list[str] = field(default_factory=list)
+    """Fields in the file that our schema does not know (kept verbatim on write)."""
     shared_params: list[str] = field(default_factory=list)
     """Names given in ``param { name: ... }``: layers naming the same one share that blob."""
-    """Fields in the file that our schema does not know (kept verbatim on write)."""
     index: int = -1                # position among the file's layer blocks
 
 

@@ -165,11 +165,19 @@ class _Writer:
             raise ExportError(f"file name {file!r} would leave {self.dir}", layer=owner)
         spec = {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
                 "layout": layout}
-        done = self.streams.take(array, path, dtype) if self.streams is not None else None
-        if done is not None:                       # written while the caffemodel was
-            return {**spec, "sha256": done}
+        digest = self.streams.take(array, path, dtype) if self.streams is not None else None
+        if digest is None:                         # (else written while the caffemodel was)
+            digest = hashlib.sha256()
+            self._write_file(path, owner, array, dtype, digest)
+        if self.io is None:
+            spec["sha256"] = digest.hexdigest()
+        else:                                      # filled in by the hashing thread
+            spec["sha256"] = None
+            self.io.when_hashed(lambda: spec.__setitem__("sha256", digest.hexdigest()))
+        return spec
+
+    def _write_file(self, path: Path, owner: str, array, dtype: str, digest) -> None:
         blocks = array if isinstance(array, _RowBlocks) else (array,)
-        digest = hashlib.sha256()
         self.dir.mkdir(exist_ok=True)
         try:
             f = open(path, "xb")
@@ -191,11 +199,10 @@ class _Writer:
             try:
                 for block in blocks:
                     data = _bytes(block, dtype)
-                    digest.update(data)
+                    self.io.hash(digest, data)
                     self.io.write(f, data, name=path)
             finally:
                 self.io.close_file(f, name=path)
-        return {**spec, "sha256": digest.hexdigest()}
 
 
 def _bytes(block, dtype: str) -> memoryview:
@@ -246,10 +253,11 @@ class _Stream:
         if self.file is None:
             self.file = open(self.path, "xb")
         data = _bytes(self.blocks.convert(rows), self.dtype)
-        self.digest.update(data)
         if self.io is None:
+            self.digest.update(data)
             self.file.write(data)
         else:
+            self.io.hash(self.digest, data)
             self.io.write(self.file, data, name=self.path)
         self.rows += len(rows)
         if self.rows == self.total:
@@ -282,10 +290,10 @@ class Streams:
         self.dtype = dtype
         self.by_source: dict[int, _Stream] = {}
 
-    def take(self, array, path: Path, dtype: str) -> str | None:
-        """The sha256 of ``array``'s weights if a stream wrote them (now renamed to
-        ``path``; its last bytes may still be on their way through the writer
-        thread, into the same file), else None."""
+    def take(self, array, path: Path, dtype: str):
+        """The sha256 object of ``array``'s weights if a stream wrote them (now
+        renamed to ``path``; its last bytes may still be on their way through the
+        writer thread, into the same file), else None."""
         key = id(getattr(array, "source", None))
         stream = self.by_source.get(key)
         if stream is None or not stream.complete or dtype != self.dtype:
@@ -295,7 +303,7 @@ class Streams:
             os.replace(stream.path, path)
         except OSError as e:
             raise ExportError(f"cannot write: {e.strerror}", file=path) from None
-        return stream.digest.hexdigest()
+        return stream.digest
 
     def __enter__(self):
         return self

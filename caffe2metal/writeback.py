@@ -1,45 +1,110 @@
-"""Write-behind: file writes on a second thread while this one computes the next block.
+"""Write-behind: file writes and sha256 on other threads while this one computes.
 
-Converting a big model is two kinds of work of about the same size: numpy
-arithmetic (fold, MPS layouts, sha256) and copying bytes into the page cache
-(``write``).  Both release the GIL, so with a second core they overlap:
-:class:`WriteBehind` runs the writes, in the order they were asked for, on one
-worker thread, and the caller goes on computing.
+Converting a big model is three kinds of work of about the same size: numpy
+arithmetic (fold, MPS layouts), copying bytes into the page cache (``write``)
+and hashing the Metal files (sha256).  All three release the GIL, so they can
+run side by side: :class:`WriteBehind` runs the writes on one worker thread
+and the hashing on another, each in the order asked for, while the caller
+goes on computing the next block.
 
-* At most ``max_bytes`` (and ``max_jobs`` writes) are queued at a time; a
-  caller that gets ahead waits, so memory stays bounded.
-* Every buffer handed over is kept referenced until it is written: hand over
-  arrays or memoryviews that nobody modifies afterwards.
+* Per worker, at most ``max_bytes`` (and ``max_jobs`` jobs) are queued at a
+  time; a caller that gets ahead waits, so memory stays bounded.
+* Every buffer handed over is kept referenced until used: hand over arrays or
+  memoryviews that nobody modifies afterwards.
 * A failed write is reported as an :class:`ExportError` naming the file it
   was for, at the next call (or at :meth:`wait` / leaving the ``with``);
   later writes are skipped.  Files are closed by :meth:`close_file` in order
   after their writes, also after an error or interruption.
+* :meth:`hash` feeds a hashlib object; :meth:`when_hashed` runs a function
+  once everything queued for hashing before it is done (to read the digest).
 * Leaving the ``with`` block normally waits for everything; leaving it with an
-  exception (Ctrl-C included) drops the writes not yet started and joins the
-  worker, so the caller can remove its output safely.
+  exception (Ctrl-C included) drops the jobs not yet started (closing files
+  still happens) and joins the workers, so the caller can remove its output.
 * ``WriteBehind(enabled=False)`` does everything in the calling thread at once:
-  small conversions do not pay for a thread.
+  small conversions do not pay for threads.
 """
 from __future__ import annotations
 
 import collections
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from .errors import ExportError
+
+
+class _Worker:
+    """One thread running queued jobs in order."""
+
+    def __init__(self, name: str, max_bytes: int, max_jobs: int):
+        self.name, self.max_bytes, self.max_jobs = name, max_bytes, max_jobs
+        self.jobs: collections.deque = collections.deque()
+        self.cv = threading.Condition()
+        self.queued_bytes = 0
+        self.busy = False
+        self.abort = False
+        self.stop = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], None], nbytes: int, always: bool, failed) -> None:
+        """Queue ``fn``; ``always``: run it even after an abort or error (closing a file).
+        ``failed()`` tells whether to stop waiting for room (an error to report)."""
+        with self.cv:
+            while (self.jobs and (self.queued_bytes + nbytes > self.max_bytes
+                                  or len(self.jobs) >= self.max_jobs) and not failed()):
+                self.cv.wait()
+            self.jobs.append((fn, nbytes, always))
+            self.queued_bytes += nbytes
+            self.cv.notify_all()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def idle(self) -> None:
+        with self.cv:
+            while self.jobs or self.busy:
+                self.cv.wait()
+
+    def set_abort(self) -> None:
+        with self.cv:
+            self.abort = True
+            self.cv.notify_all()
+
+    def shutdown(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.jobs and not self.stop:
+                    self.cv.wait()
+                if not self.jobs:
+                    return
+                fn, nbytes, always = self.jobs.popleft()
+                self.busy = True
+                skip = self.abort and not always
+            try:
+                if not skip:
+                    fn()
+            finally:
+                del fn
+                with self.cv:
+                    self.queued_bytes -= nbytes
+                    self.busy = False
+                    self.cv.notify_all()
 
 
 class WriteBehind:
     def __init__(self, enabled: bool = True, max_bytes: int = 64 << 20, max_jobs: int = 64):
         self.enabled = enabled
-        self.max_bytes, self.max_jobs = max_bytes, max_jobs
-        self._jobs: collections.deque = collections.deque()
-        self._cv = threading.Condition()
-        self._queued_bytes = 0
+        self._writes = _Worker("caffe2metal-write", max_bytes, max_jobs)
+        self._hashes = _Worker("caffe2metal-sha256", max_bytes, max_jobs)
         self._error: ExportError | None = None
-        self._abort = False
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        self._aborted = False
 
     # ------------------------------------------------------------ caller side
 
@@ -47,45 +112,34 @@ class WriteBehind:
         """Write ``data`` (bytes-like, kept alive until written) to ``f``; ``name``
         is the file named in an error (default: ``f.name``)."""
         name = getattr(f, "name", None) if name is None else name
-        if not self.enabled:
-            self._do_write(f, data, name)
-            self._raise()
-            return
-        n = memoryview(data).nbytes
-        with self._cv:
-            while (self._jobs and (self._queued_bytes + n > self.max_bytes
-                                   or len(self._jobs) >= self.max_jobs)
-                   and self._error is None):
-                self._cv.wait()
-            self._raise()
-            self._jobs.append(("write", f, data, n, name))
-            self._queued_bytes += n
-            self._cv.notify_all()
-        self._start()
+        self._submit(self._writes, lambda: self._do_write(f, data, name), _nbytes(data))
 
     def close_file(self, f: BinaryIO, name=None) -> None:
         """Close ``f`` once its queued writes are done."""
         name = getattr(f, "name", None) if name is None else name
-        if not self.enabled:
-            self._do_close(f, name)
-            self._raise()
-            return
-        with self._cv:
-            self._jobs.append(("close", f, None, 0, name))
-            self._cv.notify_all()
-        self._start()
+        self._submit(self._writes, lambda: self._do_close(f, name), 0, always=True)
+
+    def hash(self, digest, data) -> None:
+        """``digest.update(data)``, in order with the other updates."""
+        self._submit(self._hashes, lambda: digest.update(data), _nbytes(data))
+
+    def when_hashed(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the hashing queued so far is done."""
+        self._submit(self._hashes, fn, 0)
 
     def wait(self) -> None:
         """Return when every queued job is done; raise the first write error."""
-        self._idle()
+        self._writes.idle()
+        self._hashes.idle()
         self._raise()
 
     def abort(self) -> None:
-        """Drop the writes not yet started (files are still closed); return when idle."""
-        with self._cv:
-            self._abort = True
-            self._cv.notify_all()
-        self._idle()
+        """Drop the jobs not yet started (files are still closed); return when idle."""
+        self._aborted = True
+        for w in (self._writes, self._hashes):
+            w.set_abort()
+        self._writes.idle()
+        self._hashes.idle()
 
     def __enter__(self):
         return self
@@ -97,53 +151,22 @@ class WriteBehind:
             else:
                 self.abort()
         finally:
-            self._shutdown()
+            self._writes.shutdown()
+            self._hashes.shutdown()
         return False
 
-    # ------------------------------------------------------------ worker side
+    # ------------------------------------------------------------ internals
 
-    _busy = False
-
-    def _idle(self) -> None:
-        with self._cv:
-            while self._jobs or self._busy:
-                self._cv.wait()
-
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="caffe2metal-write",
-                                            daemon=True)
-            self._thread.start()
-
-    def _shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs and not self._stop:
-                    self._cv.wait()
-                if not self._jobs:
-                    return
-                kind, f, data, n, name = self._jobs.popleft()
-                self._busy = True
-                skip = self._abort or self._error is not None
-            try:
-                if kind == "close":
-                    self._do_close(f, name)
-                elif not skip:
-                    self._do_write(f, data, name)
-            finally:
-                del data
-                with self._cv:
-                    self._queued_bytes -= n
-                    self._busy = False
-                    self._cv.notify_all()
+    def _submit(self, worker: _Worker, fn, nbytes: int, always: bool = False) -> None:
+        if not self.enabled:
+            if always or (self._error is None and not self._aborted):
+                fn()
+            self._raise()
+            return
+        if not always:                             # (a close is queued whatever happened)
+            self._raise()
+        worker.submit(fn, nbytes, always, lambda: self._error is not None)
+        self._raise()
 
     def _do_write(self, f, data, name) -> None:
         if self._error is not None:
@@ -157,14 +180,19 @@ class WriteBehind:
         try:
             f.close()
         except OSError as e:
-            if not self._abort:
+            if not self._aborted:
                 self._fail(name, e)
 
     def _fail(self, name, e: Exception) -> None:
         if self._error is None:
             self._error = ExportError(f"cannot write: {getattr(e, 'strerror', None) or e}",
                                       file=name)
+        self._writes.set_abort()                   # nothing more is written; closes still are
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _nbytes(data) -> int:
+    return memoryview(data).nbytes

@@ -147,10 +147,11 @@ def test_report_tables():
     assert "1.80x" in text and "PASS" in text and "MISS" in text
     info = {"runs": 3, "load": 0.1, "vgg_caffemodel_bytes": 1 << 20,
             "mobilenet_caffemodel_bytes": 1 << 20, "mobilenet_source": "x",
-            "floor_io_only": 0.5, "floor": [(0.6, 0.5)], "vgg": [(0.9, 0.8, 900 << 20)],
+            "floor_io": [0.5], "floor": [(0.6, 0.5)], "vgg": [(0.9, 0.8, 900 << 20)],
             "mobilenet": [(0.3, 0.2)]}
     md = bench.render_markdown(rows, info)
     assert "| convert | 0.900 s | <= 2x floor | 1.80x | PASS |" in md
+    assert "I/O floor 0.500 (I/O alone" in md
 
 
 def test_bench_end_to_end_on_the_tiny_model(tmp_path):
@@ -345,7 +346,7 @@ def test_write_behind_writes_in_order_and_bounds_what_is_queued(tmp_path):
     with WriteBehind(max_bytes=3000, max_jobs=2) as io, open(path, "wb") as f:
         for c in chunks:
             io.write(f, c)
-            assert io._queued_bytes <= 3000 and len(io._jobs) <= 2
+            assert io._writes.queued_bytes <= 3000 and len(io._writes.jobs) <= 2
         io.wait()
     assert path.read_bytes() == b"".join(chunks)
 
@@ -374,7 +375,7 @@ def test_write_behind_drops_queued_writes_when_the_caller_fails(tmp_path):
             io.close_file(f)
             raise KeyboardInterrupt
     assert f.closed and path.stat().st_size < 200 << 20
-    assert io._thread is None                                  # the worker was joined
+    assert io._writes.thread is None                           # the worker was joined
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -3,11 +3,17 @@
 The pipeline, in order:
 1. ``reader.read_model``      prototxt + caffemodel -> Graph (TEST phase), blobs checked
 2. ``fold.plan``              which BatchNorm/Scale chains fold into which producer, and why not
-3. ``fold.apply``             the folded Graph (float64 arithmetic, float32 blobs)
-4. ``write_caffe``            merged prototxt (edits of the user's text) + merged caffemodel
-5. ``metal`` (optional)       .dat weights in MPS layout + manifest layer entries
+3. ``fold.apply(lazy=True)``  the folded Graph; folded weights are ``FoldedWeights``
+                              (float64 arithmetic, float32 blobs), computed as written
+4. ``write_caffe``            merged prototxt (edits of the user's text) + merged caffemodel,
+                              folded 2 MiB at a time; ``metal.stream_folded`` writes the Metal
+                              files of folded layers from the same blocks
+5. ``metal`` (optional)       the other .dat weights in MPS layout + manifest layer entries
 6. ``manifest.json``          the contract for everything written
-Everything is written to a sibling of OUT that replaces OUT only on success.
+Everything is written to a sibling of OUT that replaces OUT only on success.  For
+caffemodels of 16 MiB and more, file writes and sha256 run on two more threads
+(``writeback.WriteBehind``) while the main thread folds and lays out the next block:
+memory holds the memory-mapped source plus at most 64 MiB in flight.
 
 Conversions of big models (a caffemodel of 64 MiB or more) show a progress bar
 on stderr when stderr is a terminal, and are quiet otherwise; tqdm is imported

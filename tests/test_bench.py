@@ -422,3 +422,17 @@ def test_a_fold_that_fails_while_streaming_leaves_no_output(tiny_vgg, tmp_path):
         convert(proto, model_dir / "v.caffemodel", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]      # no staging directory left
+
+
+def test_write_behind_restores_the_thread_switch_interval():
+    before = sys.getswitchinterval()
+    with WriteBehind() as io:
+        assert sys.getswitchinterval() < before
+        io.wait()
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError):
+        with WriteBehind():
+            raise RuntimeError
+    assert sys.getswitchinterval() == before
+    with WriteBehind(enabled=False):
+        assert sys.getswitchinterval() == before

@@ -29,12 +29,13 @@ weights.  Generators:
             are empty or zero-filled.
 
 Each input runs ``caffe2metal convert PROTOTXT CAFFEMODEL -o OUT`` in process
-(``cli.main``) and must end either in success or in exit status 2 with one
+(``cli.main``), every other one through the write-behind threads that big
+models use, and must end either in success or in exit status 2 with one
 line ``caffe2metal: error: ...`` on stderr.  Anything else is a failure: an
 uncaught exception, a run longer than the time limit (a hang), a
 ``MemoryError`` under the address-space limit (unbounded memory), a file
-written outside OUT, a partial OUT left behind after an error, or an OUT
-that lacks its manifest after a success.  Failing inputs are saved to the
+written outside OUT, a partial OUT left behind after an error, a thread left
+running, or an OUT that lacks its manifest after a success.  Failing inputs are saved to the
 crash directory as ``<id>.prototxt``, ``<id>.caffemodel`` and ``<id>.txt``
 (what went wrong, with the traceback).
 """
@@ -54,6 +55,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -605,9 +607,13 @@ def _listing(root: Path) -> set[str]:
 
 
 def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
-            seconds: float = 20.0, memory: int | None = 2 << 30) -> str:
-    """Convert one input in ``workdir`` (emptied first); "ok" or "error", else raise Failure."""
-    from . import cli
+            seconds: float = 20.0, memory: int | None = 2 << 30,
+            threads: bool = False) -> str:
+    """Convert one input in ``workdir`` (emptied first); "ok" or "error", else raise Failure.
+
+    ``threads``: write through the write-behind threads whatever the model's size
+    (the path big models take)."""
+    from . import cli, convert
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
@@ -616,7 +622,10 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
     model.write_bytes(caffemodel)
     before = _listing(work)
     stdout, stderr = io.StringIO(), io.StringIO()
+    threshold = convert.WRITE_BEHIND_MIN_BYTES
     try:
+        if threads:
+            convert.WRITE_BEHIND_MIN_BYTES = 0
         with _time_limit(seconds), _memory_limit(memory), \
                 contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = cli.main(["convert", str(proto), str(model), "-o", str(out)])
@@ -627,6 +636,10 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
                       + traceback.format_exc()) from None
     except Exception:
         raise Failure(f"uncaught exception\n{traceback.format_exc()}") from None
+    finally:
+        convert.WRITE_BEHIND_MIN_BYTES = threshold
+    if threading.active_count() > 1:
+        raise Failure(f"threads left running: {[t.name for t in threading.enumerate()]}")
     after = _listing(work)
     outside = {p for p in after - before if p != "out" and not p.startswith("out" + os.sep)}
     if outside:
@@ -693,7 +706,7 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
             kind, proto, model = generate(rnd, seeds)
             stats["inputs"] += 1
             try:
-                stats[run_one(proto, model, tmp)] += 1
+                stats[run_one(proto, model, tmp, threads=stats["inputs"] % 2 == 0)] += 1
             except Failure as f:
                 stats["failures"] += 1
                 sig = _signature(f"{kind}: {f}")

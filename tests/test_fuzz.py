@@ -32,9 +32,9 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-def check(kind, proto: bytes, model: bytes, workdir) -> str:
+def check(kind, proto: bytes, model: bytes, workdir, threads: bool = False) -> str:
     try:
-        return fuzz.run_one(proto, model, workdir, seconds=30)
+        return fuzz.run_one(proto, model, workdir, seconds=30, threads=threads)
     except fuzz.Failure as f:
         saved = fuzz.save_crash(CRASHES, proto, model, f"{kind}: {f}")
         pytest.fail(f"{kind} input (saved as {saved}.*): {f}", pytrace=False)
@@ -46,6 +46,9 @@ def test_seed_corpus_converts(seeds, workdir):
     results = {s.name: check("seed", s.prototxt, s.caffemodel, workdir) for s in seeds}
     for name in ("example", "tiny", "tiny_v1", "tiny_input_layer"):
         assert results[name] == "ok", name
+    threaded = {s.name: check("seed", s.prototxt, s.caffemodel, workdir, threads=True)
+                for s in seeds}
+    assert threaded == results
 
 
 @settings(max_examples=100, **SETTINGS)
@@ -60,14 +63,14 @@ def test_fuzz_prototxt_mutations(seeds, workdir, rnd):
 def test_fuzz_consistent_edits(seeds, workdir, rnd):
     """Syntax-preserving edits with weights made to match: these reach fold and the writers."""
     kind, proto, model = fuzz.generate(rnd, seeds, "valid")
-    check(kind, proto, model, workdir)
+    check(kind, proto, model, workdir, threads=rnd.random() < 0.5)
 
 
 @settings(max_examples=80, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_caffemodel_mutations(seeds, workdir, rnd):
     kind, proto, model = fuzz.generate(rnd, seeds, rnd.choice(["model", "both"]))
-    check(kind, proto, model, workdir)
+    check(kind, proto, model, workdir, threads=rnd.random() < 0.5)
 
 
 @settings(max_examples=40, **SETTINGS)

@@ -31,9 +31,9 @@ from pathlib import Path
 from . import fold
 from .errors import ExportError, ModelFormatError
 from .output import atomic_directory
-from .writeback import WriteBehind
 from .reader import Model, read_model
 from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
+from .writeback import WriteBehind
 
 FORMAT, VERSION = "caffe2metal", 1
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second

@@ -251,7 +251,10 @@ class _Stream:
             self.broken = True
             return
         if self.file is None:
-            self.file = open(self.path, "xb")
+            try:
+                self.file = open(self.path, "xb")
+            except OSError as e:
+                raise ExportError(f"cannot write: {e.strerror}", file=self.path) from None
         data = _bytes(self.blocks.convert(rows), self.dtype)
         if self.io is None:
             self.digest.update(data)

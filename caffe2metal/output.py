@@ -13,7 +13,14 @@ Details:
   written removes it; during the swap itself both signals are held back and
   delivered right after, so OUT is always either the old or the new tree;
 * an ``OSError`` while writing (disk full, permissions, a name the file
-  system refuses) becomes an :class:`ExportError` naming the file.
+  system refuses) becomes an :class:`ExportError` naming the file;
+* a run that could not clean up (SIGKILL, power loss, out of memory) leaves
+  its hidden ``.OUT.partial-*`` sibling behind, up to the size of the output.
+  The sibling is locked (``flock`` on the directory) while its run lives, so
+  the next run into the same OUT removes every unlocked one older than a
+  minute (and any ``.OUT.old-*`` that old); a conversion still running keeps
+  its lock and its directory.  (Without ``fcntl``, or on a file system
+  without locks, nothing is removed.)
 """
 from __future__ import annotations
 
@@ -22,9 +29,16 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:                 # Windows: no stale-directory cleanup
+    fcntl = None
 
 from .errors import ExportError
 
@@ -90,6 +104,55 @@ def _sigterm_unwinds():
         signal.signal(sig, signal.SIG_DFL)
 
 
+STALE_SECONDS = 60              # a partial directory must be this old to count as abandoned
+
+
+def _lock(path: Path) -> int | None:
+    """An fd holding an exclusive lock on directory ``path`` (None without fcntl)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_abandoned(out: Path) -> list[Path]:
+    """Remove the siblings of ``out`` left by runs that died (see the module doc):
+    unlocked ``.OUT.partial-*`` and ``.OUT.old-*`` (which a live run removes at once)
+    directories older than ``STALE_SECONDS``."""
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    partial, old = f".{out.name}.partial-", f".{out.name}.old-"
+    try:
+        candidates = [p for p in out.parent.iterdir()
+                      if p.name.startswith(partial) or p.name.startswith(old)]
+    except OSError:
+        return removed
+    now = time.time()
+    for p in candidates:
+        fd = None
+        try:
+            st = p.lstat()
+            if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < STALE_SECONDS:
+                continue
+            if p.name.startswith(partial):
+                fd = _lock(p)               # held by a live run: BlockingIOError
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
 def _remove(path: Path) -> None:
     with _signals_held():
         shutil.rmtree(path, ignore_errors=True)
@@ -105,13 +168,18 @@ def atomic_directory(out: str | os.PathLike):
             raise ExportError("exists and is not an earlier caffe2metal output (no manifest.json "
                               "of ours): refusing to replace it; remove it or choose another "
                               "output directory", file=out)
-    tmp = None
+    tmp = lock = None
     with _sigterm_unwinds():
         try:
             with _signals_held():    # a Ctrl-C arrives once tmp is known, so it is removed
                 try:
                     out.parent.mkdir(parents=True, exist_ok=True)
+                    remove_abandoned(out)
                     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                    try:
+                        lock = _lock(tmp)
+                    except OSError:         # no locks on this file system: nothing is
+                        lock = None         # cleaned up here either (see remove_abandoned)
                     umask = os.umask(0)
                     os.umask(umask)
                     os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 is not what a user expects
@@ -145,3 +213,6 @@ def atomic_directory(out: str | os.PathLike):
             if tmp is not None:
                 _remove(tmp)
             raise
+        finally:
+            if lock is not None:
+                os.close(lock)

@@ -633,6 +633,75 @@ def test_interrupt_at_a_fixed_point_while_writing(tmp_path, sig, code):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def _slow_convert_script(proto, weights, out) -> str:
+    """A CLI convert that stops for a minute inside OUT's sibling, after the caffemodel."""
+    return ("import sys, time, runpy\n"
+            "import caffe2metal.convert as c\n"
+            "orig = c.write_merged_caffemodel\n"
+            "def slow(*a, **k):\n"
+            "    orig(*a, **k)\n"
+            "    time.sleep(60)\n"
+            "c.write_merged_caffemodel = slow\n"
+            f"sys.argv = ['caffe2metal', 'convert', {str(proto)!r}, {str(weights)!r}, '-o', "
+            f"{str(out)!r}]\n"
+            "runpy.run_module('caffe2metal', run_name='__main__')\n")
+
+
+def _start_and_wait_for_partial(script, parent: Path, out_name: str) -> tuple:
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [p for p in parent.iterdir() if p.name.startswith(f".{out_name}.partial-")
+                 and (p / "manifest.json").exists() is False and any(p.iterdir())]
+        if found:
+            return proc, found[0]
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no partial directory appeared: {proc.communicate()[1][-500:]}")
+
+
+def _age(path: Path, seconds: float = 3600) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_killed_run_leaves_a_partial_dir_that_the_next_run_removes(tmp_path):
+    proto, weights = write_model(tmp_path / "in", chain_text())
+    out = tmp_path / "out"
+    proc, partial = _start_and_wait_for_partial(_slow_convert_script(proto, weights, out),
+                                                tmp_path, "out")
+    proc.send_signal(signal.SIGKILL)          # no cleanup can run
+    proc.communicate(timeout=60)
+    assert partial.is_dir() and any(partial.iterdir())
+    convert(proto, weights, out)               # a minute later: not abandoned yet, kept
+    assert partial.is_dir()
+    _age(partial)
+    stale_old = tmp_path / ".out.old-abc"      # a swap killed before removing the old OUT
+    (stale_old / "out").mkdir(parents=True)
+    _age(stale_old)
+    convert(proto, weights, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_running_conversion_keeps_its_partial_dir(tmp_path):
+    proto, weights = write_model(tmp_path / "in", chain_text())
+    out = tmp_path / "out"
+    proc, partial = _start_and_wait_for_partial(_slow_convert_script(proto, weights, out),
+                                                tmp_path, "out")
+    try:
+        _age(partial)                          # old, but its run is alive and holds the lock
+        convert(proto, weights, out)
+        assert partial.is_dir() and any(partial.iterdir())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
 # ---------------------------------------------------------------- the CLI itself
 
 @pytest.mark.parametrize("case", ["missing", "nan", "syntax", "deep"])

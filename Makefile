@@ -31,7 +31,7 @@ endif
 bench: $(STAMP)
 	$(BIN)/python -m caffe2metal.bench
 
-# Fuzz read_model + convert with broken and hostile files (issue 6) for FUZZ_SECONDS;
+# Fuzz inspect + convert with broken and hostile files (issue 6) for FUZZ_SECONDS;
 # prints the number of inputs run; failing inputs are saved under build/fuzz/crashes/.
 FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)

@@ -28,14 +28,16 @@ weights.  Generators:
 ``special`` deep nesting, huge dimensions, hostile layer names, files that
             are empty or zero-filled.
 
-Each input runs ``caffe2metal convert PROTOTXT CAFFEMODEL -o OUT`` in process
-(``cli.main``), every other one through the write-behind threads that big
+Each input runs ``caffe2metal inspect`` (text or ``--json``, which must be
+strict JSON) and then ``caffe2metal convert PROTOTXT CAFFEMODEL -o OUT`` in
+process (``cli.main``), every other one through the write-behind threads that big
 models use, and must end either in success or in exit status 2 with one
 line ``caffe2metal: error: ...`` on stderr.  Anything else is a failure: an
 uncaught exception, a run longer than the time limit (a hang), a
 ``MemoryError`` under the address-space limit (unbounded memory), a file
 written outside OUT, a partial OUT left behind after an error, a thread left
-running, or an OUT that lacks its manifest after a success.  Failing inputs are saved to the
+running, an OUT that lacks its manifest after a success, or an input that
+``inspect`` rejects but ``convert`` accepts (both read it the same way).  Failing inputs are saved to the
 crash directory as ``<id>.prototxt``, ``<id>.caffemodel`` and ``<id>.txt``
 (what went wrong, with the traceback).
 """
@@ -621,6 +623,9 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
     proto.write_bytes(prototxt)
     model.write_bytes(caffemodel)
     before = _listing(work)
+    inspected = _inspect_one(proto, model, seconds, memory, as_json=threads)
+    if _listing(work) != before:
+        raise Failure("inspect wrote files")
     stdout, stderr = io.StringIO(), io.StringIO()
     threshold = convert.WRITE_BEHIND_MIN_BYTES
     try:
@@ -659,14 +664,54 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
         for p in out.rglob("*"):
             if p.is_symlink() or not p.resolve().is_relative_to(out.resolve()):
                 raise Failure(f"{p} leaves OUT")
+        if inspected == "error":
+            raise Failure("inspect rejected what convert accepted (both read the same way)")
         return "ok"
     if status != 2:
         raise Failure(f"exit status {status}, expected 0 or 2; stderr: {err!r}")
     if out.exists():
         raise Failure("OUT exists after a failed conversion")
-    lines = err.splitlines()
-    if len(lines) != 1 or not lines[0].startswith("caffe2metal: error: ") or err.count("\n") != 1:
+    if not _one_error_line(err):
         raise Failure(f"stderr is not one 'caffe2metal: error: ...' line: {err!r}")
+    return "error"
+
+
+def _one_error_line(err: str) -> bool:
+    lines = err.splitlines()
+    return len(lines) == 1 and lines[0].startswith("caffe2metal: error: ") and err.count("\n") == 1
+
+
+def _inspect_one(proto: Path, model: Path, seconds: float, memory: int | None,
+                 as_json: bool) -> str:
+    """``caffe2metal inspect`` on the same files: "ok" or "error", else raise Failure."""
+    from . import cli
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["inspect", str(proto), str(model)] + (["--json"] if as_json else [])
+    try:
+        with _time_limit(seconds), _memory_limit(memory), \
+                contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = cli.main(argv)
+    except _Hang:
+        raise Failure(f"inspect: no result after {seconds} s (a hang?)") from None
+    except MemoryError:
+        raise Failure("inspect: MemoryError under the memory limit\n"
+                      + traceback.format_exc()) from None
+    except Exception:
+        raise Failure(f"inspect: uncaught exception\n{traceback.format_exc()}") from None
+    if status == 0:
+        if as_json:
+            try:
+                json.loads(stdout.getvalue(), parse_constant=_no_constants)
+            except ValueError as e:
+                raise Failure(f"inspect --json printed no strict JSON: {e}") from None
+        elif not stdout.getvalue().strip():
+            raise Failure("inspect succeeded without printing anything")
+        return "ok"
+    if status != 2:
+        raise Failure(f"inspect: exit status {status}, expected 0 or 2")
+    if not _one_error_line(stderr.getvalue()):
+        raise Failure(f"inspect: stderr is not one 'caffe2metal: error: ...' line: "
+                      f"{stderr.getvalue()!r}")
     return "error"
 
 
@@ -749,7 +794,7 @@ def main(argv=None) -> int:
                     bad += 1
                     print(f"{ident}: FAILURE {f}")
         return 1 if bad else 0
-    print(f"fuzzing read_model + convert for {args.seconds:g} s, seed {args.seed}")
+    print(f"fuzzing inspect + convert for {args.seconds:g} s, seed {args.seed}")
     stats = fuzz(args.seconds, args.seed, args.crashes, args.models)
     print(f"{stats['inputs']} inputs in {stats['seconds']:.0f} s: {stats['ok']} converted, "
           f"{stats['error']} rejected with an error, {stats['failures']} failures "

@@ -37,10 +37,12 @@ from .errors import ExportError
 
 
 class _Worker:
-    """One thread running queued jobs in order."""
+    """One thread running queued jobs in order.  A job that raises does not stop
+    the thread: the exception goes to ``on_error`` and the next job runs."""
 
-    def __init__(self, name: str, max_bytes: int, max_jobs: int):
+    def __init__(self, name: str, max_bytes: int, max_jobs: int, on_error):
         self.name, self.max_bytes, self.max_jobs = name, max_bytes, max_jobs
+        self.on_error = on_error
         self.jobs: collections.deque = collections.deque()
         self.cv = threading.Condition()
         self.queued_bytes = 0
@@ -94,6 +96,8 @@ class _Worker:
             try:
                 if not skip:
                     fn()
+            except BaseException as e:          # never leave the caller waiting for us
+                self.on_error(e)
             finally:
                 del fn
                 with self.cv:
@@ -109,9 +113,9 @@ class WriteBehind:
     def __init__(self, enabled: bool = True, max_bytes: int = 64 << 20, max_jobs: int = 64):
         self.enabled = enabled
         self._switch = None
-        self._writes = _Worker("caffe2metal-write", max_bytes, max_jobs)
-        self._hashes = _Worker("caffe2metal-sha256", max_bytes, max_jobs)
-        self._error: ExportError | None = None
+        self._writes = _Worker("caffe2metal-write", max_bytes, max_jobs, self._unexpected)
+        self._hashes = _Worker("caffe2metal-sha256", max_bytes, max_jobs, self._unexpected)
+        self._error: BaseException | None = None
         self._aborted = False
 
     # ------------------------------------------------------------ caller side
@@ -202,6 +206,13 @@ class WriteBehind:
             self._error = ExportError(f"cannot write: {getattr(e, 'strerror', None) or e}",
                                       file=name)
         self._writes.set_abort()                   # nothing more is written; closes still are
+
+    def _unexpected(self, e: BaseException) -> None:
+        """A job raised something other than a write error: re-raised in the caller."""
+        if self._error is None:
+            self._error = e
+        self._writes.set_abort()
+        self._hashes.set_abort()
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -436,3 +436,15 @@ def test_write_behind_restores_the_thread_switch_interval():
     assert sys.getswitchinterval() == before
     with WriteBehind(enabled=False):
         assert sys.getswitchinterval() == before
+
+
+def test_write_behind_survives_a_job_that_raises():
+    class Bad:
+        def update(self, data):
+            raise TypeError("not hashable today")
+
+    with pytest.raises(TypeError, match="not hashable today"):
+        with WriteBehind() as io:
+            io.hash(Bad(), b"x" * 10)
+            io.wait()                                  # returns (and raises), never hangs
+    assert io._hashes.thread is None

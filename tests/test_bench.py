@@ -159,7 +159,7 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     p = subprocess.run([sys.executable, "-m", "caffe2metal.bench", "--tiny", "--runs", "1",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "I/O floor" in p.stdout and "peak RSS" in p.stdout
+    assert "I/O floor" in p.stdout and "peak RSS" in p.stdout and "sha256 as a no-op" in p.stdout
     md = (tmp_path / "latest.md").read_text()
     assert md.count("| ") > 10 and ("PASS" in md or "MISS" in md)
 

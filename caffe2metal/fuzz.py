@@ -615,7 +615,7 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
 
     ``threads``: write through the write-behind threads whatever the model's size
     (the path big models take)."""
-    from . import cli, convert
+    from . import convert
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
@@ -626,21 +626,12 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
     inspected = _inspect_one(proto, model, seconds, memory, as_json=threads)
     if _listing(work) != before:
         raise Failure("inspect wrote files")
-    stdout, stderr = io.StringIO(), io.StringIO()
     threshold = convert.WRITE_BEHIND_MIN_BYTES
     try:
         if threads:
             convert.WRITE_BEHIND_MIN_BYTES = 0
-        with _time_limit(seconds), _memory_limit(memory), \
-                contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = cli.main(["convert", str(proto), str(model), "-o", str(out)])
-    except _Hang:
-        raise Failure(f"no result after {seconds} s (a hang?)") from None
-    except MemoryError:
-        raise Failure("MemoryError: tried to allocate more than the memory limit\n"
-                      + traceback.format_exc()) from None
-    except Exception:
-        raise Failure(f"uncaught exception\n{traceback.format_exc()}") from None
+        status, _, err = _run_cli(["convert", str(proto), str(model), "-o", str(out)],
+                                  seconds, memory)
     finally:
         convert.WRITE_BEHIND_MIN_BYTES = threshold
     ours = [t.name for t in threading.enumerate() if t.name.startswith("caffe2metal")]
@@ -652,7 +643,6 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
         raise Failure(f"files written outside OUT: {sorted(outside)[:10]}")
     if before - after:
         raise Failure(f"input files disappeared: {sorted(before - after)}")
-    err = stderr.getvalue()
     if status == 0:
         if not (out / "manifest.json").is_file():
             raise Failure("success without OUT/manifest.json")
@@ -684,35 +674,42 @@ def _one_error_line(err: str) -> bool:
 def _inspect_one(proto: Path, model: Path, seconds: float, memory: int | None,
                  as_json: bool) -> str:
     """``caffe2metal inspect`` on the same files: "ok" or "error", else raise Failure."""
+    argv = ["inspect", str(proto), str(model)] + (["--json"] if as_json else [])
+    status, out, err = _run_cli(argv, seconds, memory, what="inspect: ")
+    if status == 0:
+        if as_json:
+            try:
+                json.loads(out, parse_constant=_no_constants)
+            except ValueError as e:
+                raise Failure(f"inspect --json printed no strict JSON: {e}") from None
+        elif not out.strip():
+            raise Failure("inspect succeeded without printing anything")
+        return "ok"
+    if status != 2:
+        raise Failure(f"inspect: exit status {status}, expected 0 or 2")
+    if not _one_error_line(err):
+        raise Failure(f"inspect: stderr is not one 'caffe2metal: error: ...' line: {err!r}")
+    return "error"
+
+
+def _run_cli(argv: list[str], seconds: float, memory: int | None,
+             what: str = "") -> tuple[int, str, str]:
+    """``cli.main(argv)`` in process under the time and memory limits: (status, stdout,
+    stderr); a hang, a MemoryError or any exception raises Failure (prefixed ``what``)."""
     from . import cli
     stdout, stderr = io.StringIO(), io.StringIO()
-    argv = ["inspect", str(proto), str(model)] + (["--json"] if as_json else [])
     try:
         with _time_limit(seconds), _memory_limit(memory), \
                 contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = cli.main(argv)
     except _Hang:
-        raise Failure(f"inspect: no result after {seconds} s (a hang?)") from None
+        raise Failure(f"{what}no result after {seconds} s (a hang?)") from None
     except MemoryError:
-        raise Failure("inspect: MemoryError under the memory limit\n"
+        raise Failure(f"{what}MemoryError: tried to allocate more than the memory limit\n"
                       + traceback.format_exc()) from None
     except Exception:
-        raise Failure(f"inspect: uncaught exception\n{traceback.format_exc()}") from None
-    if status == 0:
-        if as_json:
-            try:
-                json.loads(stdout.getvalue(), parse_constant=_no_constants)
-            except ValueError as e:
-                raise Failure(f"inspect --json printed no strict JSON: {e}") from None
-        elif not stdout.getvalue().strip():
-            raise Failure("inspect succeeded without printing anything")
-        return "ok"
-    if status != 2:
-        raise Failure(f"inspect: exit status {status}, expected 0 or 2")
-    if not _one_error_line(stderr.getvalue()):
-        raise Failure(f"inspect: stderr is not one 'caffe2metal: error: ...' line: "
-                      f"{stderr.getvalue()!r}")
-    return "error"
+        raise Failure(f"{what}uncaught exception\n{traceback.format_exc()}") from None
+    return status, stdout.getvalue(), stderr.getvalue()
 
 
 def save_crash(directory: str | os.PathLike, prototxt: bytes, caffemodel: bytes,

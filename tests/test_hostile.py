@@ -612,27 +612,6 @@ def test_ctrl_c_leaves_no_partial_out(tmp_path, existing):
         assert names == ["in"]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + 15)])
-def test_interrupt_at_a_fixed_point_while_writing(tmp_path, sig, code):
-    """The same, deterministic: the writer stops inside OUT's sibling until interrupted."""
-    proto, weights = write_model(tmp_path / "in", chain_text())
-    out = tmp_path / "out"
-    script = ("import sys, time, runpy\n"
-              "import caffe2metal.convert as c\n"
-              "orig = c.write_merged_caffemodel\n"
-              "def slow(*a, **k):\n"
-              "    orig(*a, **k)\n"
-              "    time.sleep(60)\n"
-              "c.write_merged_caffemodel = slow\n"
-              f"sys.argv = ['caffe2metal', 'convert', {str(proto)!r}, {str(weights)!r}, '-o', "
-              f"{str(out)!r}]\n"
-              "runpy.run_module('caffe2metal', run_name='__main__')\n")
-    got, err = _interrupt_when_partial([sys.executable, "-c", script], tmp_path, "out", sig=sig)
-    assert got == code, err
-    assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
-
-
 def _slow_convert_script(proto, weights, out) -> str:
     """A CLI convert that stops for a minute inside OUT's sibling, after the caffemodel."""
     return ("import sys, time, runpy\n"
@@ -645,6 +624,18 @@ def _slow_convert_script(proto, weights, out) -> str:
             f"sys.argv = ['caffe2metal', 'convert', {str(proto)!r}, {str(weights)!r}, '-o', "
             f"{str(out)!r}]\n"
             "runpy.run_module('caffe2metal', run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + 15)])
+def test_interrupt_at_a_fixed_point_while_writing(tmp_path, sig, code):
+    """The same, deterministic: the writer stops inside OUT's sibling until interrupted."""
+    proto, weights = write_model(tmp_path / "in", chain_text())
+    out = tmp_path / "out"
+    script = _slow_convert_script(proto, weights, out)
+    got, err = _interrupt_when_partial([sys.executable, "-c", script], tmp_path, "out", sig=sig)
+    assert got == code, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def _start_and_wait_for_partial(script, parent: Path, out_name: str) -> tuple:

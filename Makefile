@@ -29,13 +29,13 @@ endif
 # Speed report of issue 5 (VGG16-BN vs the I/O floor, MobileNet-SSD start-up); builds its
 # models once under build/bench/ and writes build/bench/latest.md.
 bench: $(STAMP)
-	$(BIN)/python -m caffe2metal.bench
+	$(BIN)/python -m tools.bench
 
 # Fuzz inspect + convert with broken and hostile files (issue 6) for FUZZ_SECONDS;
 # prints the number of inputs run; failing inputs are saved under build/fuzz/crashes/.
 FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)
-	$(BIN)/python -m caffe2metal.fuzz --seconds $(FUZZ_SECONDS) --crashes build/fuzz/crashes
+	$(BIN)/python -m tools.fuzz --seconds $(FUZZ_SECONDS) --crashes build/fuzz/crashes
 
 # Regenerate proto/caffe_pb2.py with the pinned protoc (grpcio-tools).
 proto: $(STAMP)

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _inspect(args) -> int:
     from .describe import as_json, describe, render
-    from .reader import read_model
+    from .net.reader import read_model
     info = describe(read_model(args.prototxt, args.caffemodel))
     print(as_json(info) if args.json else render(info))
     return 0

@@ -30,10 +30,10 @@ from pathlib import Path
 
 from . import fold
 from .errors import ExportError, ModelFormatError
-from .output import atomic_directory
-from .reader import Model, read_model
-from .write_caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
-from .writeback import WriteBehind
+from .export.output import atomic_directory
+from .net.reader import Model, read_model
+from .export.caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
+from .export.writeback import WriteBehind
 
 FORMAT, VERSION = "caffe2metal", 1
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
@@ -106,7 +106,7 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
         with contextlib.ExitStack() as stack:
             io = stack.enter_context(WriteBehind(enabled=bar.size >= WRITE_BEHIND_MIN_BYTES))
             if metal:               # Metal files of folded layers: from the same folded blocks
-                from . import metal as mtl
+                from .export import metal as mtl
                 streams = stack.enter_context(mtl.stream_folded(model, merged, tmp, dtype=dtype,
                                                                 io=io))
             bar.stage("folding and writing the merged caffemodel")

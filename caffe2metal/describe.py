@@ -5,7 +5,7 @@ import json
 import math
 
 from . import fold
-from .reader import Model
+from .net.reader import Model
 
 
 def _fmt(shape) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import synth
-from caffe2metal.caffemodel import write_caffemodel
-from caffe2metal.reader import read_model, read_prototxt
-from caffe2metal.write_caffe import merged_layers
+from caffe2metal.example import weights as synth
+from caffe2metal.caffe.caffemodel import write_caffemodel
+from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.export.caffe import merged_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

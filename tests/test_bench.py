@@ -15,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import bench, caffemodel, example
+from tools import bench
+
+from caffe2metal.caffe import caffemodel
+
+from caffe2metal import example
 from caffe2metal import fold
-from caffe2metal.caffemodel import read_caffemodel, write_caffemodel
+from caffe2metal.caffe.caffemodel import read_caffemodel, write_caffemodel
 from caffe2metal.convert import _Progress, convert
 from caffe2metal.errors import ExportError, GraphError
 from caffe2metal.graph import Graph, Layer
-from caffe2metal.reader import read_model
-from caffe2metal.writeback import WriteBehind
+from caffe2metal.net.reader import read_model
+from caffe2metal.export.writeback import WriteBehind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +68,7 @@ def test_vgg_architecture(tiny_vgg):
 
 
 def test_full_vgg_prototxt_has_the_vgg16_shapes():
-    from caffe2metal.reader import read_prototxt
+    from caffe2metal.net.reader import read_prototxt
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "vgg16_bn.prototxt"
@@ -156,7 +160,7 @@ def test_report_tables():
 
 def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     """The whole `make bench` flow (figures meaningless at this size)."""
-    p = subprocess.run([sys.executable, "-m", "caffe2metal.bench", "--tiny", "--runs", "1",
+    p = subprocess.run([sys.executable, "-m", "tools.bench", "--tiny", "--runs", "1",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "I/O floor" in p.stdout and "peak RSS" in p.stdout and "sha256 as a no-op" in p.stdout
@@ -179,7 +183,7 @@ def _convert_in_fresh_process(proto, out, extra=""):
 def test_convert_does_not_import_opencv_or_tqdm(tiny_vgg, tmp_path):
     p = _convert_in_fresh_process(
         tiny_vgg[0], tmp_path / "out",
-        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verify', 'caffe2metal.synth') "
+        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verify', 'caffe2metal.example.weights') "
         "if m in sys.modules]\nassert not bad, bad")
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""                          # quiet when stderr is not a terminal
@@ -381,7 +385,7 @@ def test_write_behind_drops_queued_writes_when_the_caller_fails(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_metal_files_streamed_with_the_fold_equal_a_separate_export(tiny_vgg, tmp_path, dtype,
                                                                      monkeypatch):
-    from caffe2metal import metal
+    from caffe2metal.export import metal
     proto, weights = tiny_vgg
     monkeypatch.setattr(fold, "BLOCK_BYTES", 2048)            # several blocks per layer
     got = convert(proto, weights, tmp_path / "c", dtype=dtype).manifest

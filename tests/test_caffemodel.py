@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caffe2metal.caffemodel import (
+from caffe2metal.caffe.caffemodel import (
     V1_LAYER_TYPES,
     CaffeModel,
     ModelLayer,
@@ -26,7 +26,7 @@ from caffe2metal.caffemodel import (
     write_caffemodel,
 )
 from caffe2metal.errors import Caffe2MetalError, ExportError, ModelFormatError
-from caffe2metal.proto import caffe_pb2
+from caffe2metal.caffe.proto import caffe_pb2
 
 
 # --------------------------------------------------------------------------

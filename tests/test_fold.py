@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from caffe2metal import fold
-from caffe2metal.caffemodel import write_caffemodel
+from caffe2metal.caffe.caffemodel import write_caffemodel
 from caffe2metal.convert import convert
-from caffe2metal.reader import read_model, read_prototxt
-from caffe2metal.synth import init_weights, random_inputs
-from caffe2metal.write_caffe import merged_layers
+from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.example.weights import init_weights, random_inputs
+from caffe2metal.export.caffe import merged_layers
 from conftest import opencv_run
 
 INPUT = 'input: "data"\ninput_shape { dim: 1 dim: 8 dim: 10 dim: 12 }\n'

@@ -4,7 +4,7 @@ The generators and the rules every input must obey are in caffe2metal/fuzz.py
 (``make fuzz`` runs them for minutes with fresh seeds).  Here hypothesis drives
 them with ``derandomize=True``: the same few hundred inputs on every run, a few
 seconds each kind.  A failing input is also saved under build/fuzz/crashes/
-(replay: ``python -m caffe2metal.fuzz --replay build/fuzz/crashes/<id>``).
+(replay: ``python -m tools.fuzz --replay build/fuzz/crashes/<id>``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caffe2metal import fuzz
+from tools import fuzz
 
 CRASHES = Path(__file__).resolve().parents[1] / "build" / "fuzz" / "crashes"
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=False,

@@ -21,12 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import cli, example, fold, textproto
-from caffe2metal.caffemodel import ModelLayer, read_caffemodel, write_caffemodel
+from caffe2metal import cli
+
+from caffe2metal import example
+
+from caffe2metal import fold
+
+from caffe2metal.caffe import textproto
+from caffe2metal.caffe.caffemodel import ModelLayer, read_caffemodel, write_caffemodel
 from caffe2metal.convert import convert
 from caffe2metal.errors import Caffe2MetalError, ExportError, GraphError, ModelFormatError
-from caffe2metal.output import atomic_directory
-from caffe2metal.reader import read_model, read_prototxt
+from caffe2metal.export.output import atomic_directory
+from caffe2metal.net.reader import read_model, read_prototxt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +141,7 @@ def test_broken_caffemodel_is_one_clear_error(tmp_path, good, damage):
 
 def test_blob_declaring_10_12_elements_is_refused_before_allocation(tmp_path, good):
     proto, _ = good
-    from caffe2metal.caffemodel import _varint_bytes as v
+    from caffe2metal.caffe.caffemodel import _varint_bytes as v
     shape = b"\x0a" + v(len(v(10**6) * 2)) + v(10**6) * 2          # BlobShape { dim: 1e6 1e6 }
     blob = b"\x3a" + v(len(shape)) + shape                           # BlobProto { shape }
     layer = b"\x0a\x04conv\x12\x0bConvolution" + b"\x3a" + v(len(blob)) + blob
@@ -536,7 +542,7 @@ def test_interrupt_while_writing_removes_the_partial_dir(tmp_path):
 
 
 def test_signals_during_the_swap_are_delivered_after_it(tmp_path):
-    from caffe2metal import output
+    from caffe2metal.export import output
     with pytest.raises(KeyboardInterrupt):
         with output._signals_held():
             os.kill(os.getpid(), signal.SIGINT)
@@ -754,7 +760,7 @@ def test_converting_the_merged_output_again_changes_nothing(tmp_path):
 
 @pytest.mark.parametrize("text", ["tiny", "tiny_v1", "tiny_input_layer", "hostile"])
 def test_idempotence_on_small_nets(tmp_path, text):
-    from caffe2metal import fuzz
+    from tools import fuzz
     source = {"tiny": fuzz.TINY, "tiny_v1": fuzz.TINY_V1,
               "tiny_input_layer": fuzz.TINY_LAYER_INPUT, "hostile": chain_text()}[text]
     (tmp_path / "in").mkdir()
@@ -793,7 +799,7 @@ def test_prototxt_from_a_device_stops_at_the_first_block(tmp_path, good):
 # turns into an XPASS failure once the owner fixes it: then drop the marker.
 
 def test_infinite_prototxt_parameter_never_reaches_the_manifest(tmp_path, good):
-    from caffe2metal import fuzz
+    from tools import fuzz
     _, weights = good
     p = tmp_path / "inf.prototxt"
     p.write_text(chain_text().replace('top: "c" }\nlayer { name: "fc"',
@@ -803,7 +809,7 @@ def test_infinite_prototxt_parameter_never_reaches_the_manifest(tmp_path, good):
 
 
 def test_small_grouped_conv_does_not_blow_up_when_written_dense(tmp_path):
-    from caffe2metal import fuzz
+    from tools import fuzz
     n = 20000
     p = tmp_path / "g.prototxt"
     p.write_text(f'input: "data"\ninput_shape {{ dim: 1 dim: {n} dim: 1 dim: 1 }}\n'
@@ -820,7 +826,7 @@ def test_small_grouped_conv_does_not_blow_up_when_written_dense(tmp_path):
 
 
 def test_caffemodel_from_a_device_is_bounded(tmp_path, good):
-    from caffe2metal import fuzz
+    from tools import fuzz
     proto, _ = good
     with fuzz._memory_limit(1 << 30):
         with pytest.raises(Caffe2MetalError):

@@ -7,7 +7,7 @@ model (mps.py) on them and compares with a plain float64 NCHW reference of
 Caffe's definition written here: im2col through ``sliding_window_view`` for
 Convolution, an ``np.add.at`` scatter for Deconvolution, a matrix product for
 InnerProduct, BatchNorm/Scale per channel.  (tests/test_mps.py tests mps.py
-itself.)  Every manifest is validated against caffe2metal/manifest.schema.json.
+itself.)  Every manifest is validated against caffe2metal/export/manifest.schema.json.
 SSD priors are compared with OpenCV's PriorBox Concat output for the built-in
 example and the real SSD models; vgg_ssd300 is also verified end to end here
 (test_verify.py holds the other architectures; this keeps each file < 1 min).
@@ -27,15 +27,23 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
-from caffe2metal import fold, metal, mps, synth, textproto
+from caffe2metal import fold
+
+from caffe2metal.export import metal
+
+from caffe2metal import mps
+
+from caffe2metal.example import weights as synth
+
+from caffe2metal.caffe import textproto
 from caffe2metal.convert import convert
 from caffe2metal.errors import ExportError
 from caffe2metal.example import build as build_example
-from caffe2metal.reader import read_model, read_prototxt
-from caffe2metal.write_caffe import write_merged_caffemodel
+from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.export.caffe import write_merged_caffemodel
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-SCHEMA = json.loads((files("caffe2metal") / "manifest.schema.json").read_text())
+SCHEMA = json.loads((files("caffe2metal.export") / "manifest.schema.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)
 RTOL = ATOL = 1e-5
 

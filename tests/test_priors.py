@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal.priors import prior_boxes, priors_per_cell
+from caffe2metal.layers.priorbox import prior_boxes, priors_per_cell
 
 cv2 = pytest.importorskip("cv2")
 

@@ -20,7 +20,7 @@ from google.protobuf import descriptor as _d
 from google.protobuf import descriptor_pb2
 from google.protobuf import text_format
 
-from caffe2metal.proto import caffe_pb2
+from caffe2metal.caffe.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO / "proto"

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from caffe2metal.caffemodel import ModelLayer, write_caffemodel
+from caffe2metal.caffe.caffemodel import ModelLayer, write_caffemodel
 from caffe2metal.errors import Caffe2MetalError
-from caffe2metal.reader import read_model, read_prototxt
+from caffe2metal.net.reader import read_model, read_prototxt
 
 CONV = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
         '  convolution_param { num_output: 4 kernel_size: 3 stride: 2 } }\n'

@@ -19,9 +19,11 @@ import sys
 import numpy as np
 import pytest
 
-from caffe2metal import fold, synth
+from caffe2metal import fold
+
+from caffe2metal.example import weights as synth
 from caffe2metal.convert import convert
-from caffe2metal.reader import read_model
+from caffe2metal.net.reader import read_model
 from conftest import real_models, model_id, with_weights
 
 MODELS = real_models()

@@ -27,7 +27,7 @@ the file naming, the MPS group rule, SSD priors and the manifest text.
 Manifest format (README section)
 --------------------------------
 
-``OUT/manifest.json`` is UTF-8 JSON; ``caffe2metal/manifest.schema.json`` is its
+``OUT/manifest.json`` is UTF-8 JSON; ``caffe2metal/export/manifest.schema.json`` is its
 JSON Schema (draft 2020-12).  Top level: ``format`` (``"caffe2metal"``),
 ``version`` (``1``), ``source``, ``inputs``, ``merged`` (the merged Caffe files),
 ``folds``, ``kept``, ``layers``, ``metal`` and, for SSD nets, ``ssd``.
@@ -87,10 +87,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fold, mps
-from .errors import ExportError
-from .graph import Graph, Layer
-from .shapes import conv_geometry
+from .. import fold
+from .. import mps
+from ..errors import ExportError
+from ..graph import Graph, Layer
+from ..net.shapes import conv_geometry
 
 CONV_TYPES = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise")
 DTYPES = {"float32": "<f4", "float16": "<f2"}
@@ -682,7 +683,7 @@ def _activation(layer, top, users, outputs, writer, naming, slopes_done) -> dict
 # ---------------------------------------------------------------- SSD
 
 def _ssd(model, merged: Graph, writer: _Writer) -> dict | None:
-    from .priors import prior_boxes, priors_per_cell
+    from ..layers.priorbox import prior_boxes, priors_per_cell
     priorboxes = [l for l in merged.layers if l.type == "PriorBox"]
     if not priorboxes:
         return None

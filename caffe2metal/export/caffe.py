@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import re
 
-from . import textproto
-from .caffemodel import ModelLayer, write_caffemodel
-from .fold import Plan, param_key
-from .graph import Graph
-from .reader import Model
+from ..caffe import textproto
+from ..caffe.caffemodel import ModelLayer, write_caffemodel
+from ..fold import Plan, param_key
+from ..graph import Graph
+from ..net.reader import Model
 
 
 

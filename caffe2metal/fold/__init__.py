@@ -40,8 +40,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import GraphError
-from .graph import Graph, Layer
+from ..errors import GraphError
+from ..graph import Graph, Layer
 
 PRODUCERS = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise", "Deconvolution",
              "InnerProduct")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import text_encoding
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 
 _TOKEN = re.compile(
     r"""(?P<skip>(?:\s+|\#[^\n]*)+)

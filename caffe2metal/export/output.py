@@ -40,7 +40,7 @@ try:
 except ImportError:                 # Windows: no stale-directory cleanup
     fcntl = None
 
-from .errors import ExportError
+from ..errors import ExportError
 
 FORMAT = "caffe2metal"          # manifest.json "format" of an output directory we may replace
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))

@@ -22,7 +22,7 @@ import re
 
 from google.protobuf.descriptor import FieldDescriptor as FD
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 from .textproto import Document, Field, unquote
 
 _INT_RANGE = {

@@ -1,6 +1,6 @@
 """`make bench`: how fast `convert` is, against the disk, in one run.
 
-``python -m caffe2metal.bench [--runs N] [--dir build/bench]``
+``python -m tools.bench [--runs N] [--dir build/bench]``
 
 1. Builds, once, under ``build/bench/`` (reused while the generator version
    and the configuration match its stamp file):
@@ -202,7 +202,7 @@ def _vgg_layers(config: VGGConfig):
 
 def write_vgg(directory, config: VGGConfig = VGGConfig()) -> tuple[Path, Path]:
     """Write ``<name>.prototxt`` and ``<name>.caffemodel`` into ``directory``."""
-    from .caffemodel import write_caffemodel
+    from caffe2metal.caffe.caffemodel import write_caffemodel
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto, weights = d / f"{config.name}.prototxt", d / f"{config.name}.caffemodel"
@@ -219,7 +219,7 @@ def mobilenet_source() -> tuple[str, str]:
     real = SHARED_MODELS / "mobilenet_ssd" / "deploy.prototxt"
     if real.is_file():
         return real.read_text(encoding="utf-8"), str(real)
-    from . import example
+    from caffe2metal import example
     saved = example.WIDTH
     example.WIDTH = 1.0
     try:
@@ -230,10 +230,10 @@ def mobilenet_source() -> tuple[str, str]:
 
 def write_mobilenet(directory, text: str, name: str = "mobilenet_ssd",
                     seed: int = 0) -> tuple[Path, Path]:
-    from . import synth
-    from .caffemodel import write_caffemodel
-    from .reader import read_prototxt
-    from .write_caffe import merged_layers
+    from caffe2metal.example import weights as synth
+    from caffe2metal.caffe.caffemodel import write_caffemodel
+    from caffe2metal.net.reader import read_prototxt
+    from caffe2metal.export.caffe import merged_layers
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto, weights = d / f"{name}.prototxt", d / f"{name}.caffemodel"
@@ -305,7 +305,7 @@ print(time.perf_counter() - t)
 # what the manifest's sha256 per Metal file costs (the rest of the run is the real one).
 _NO_SHA256 = """
 import sys
-import caffe2metal.metal as metal
+import caffe2metal.export.metal as metal
 
 class _NoHash:
     def update(self, data):
@@ -544,7 +544,7 @@ def render_markdown(rows: list[Row], info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m caffe2metal.bench",
+    ap = argparse.ArgumentParser(prog="python -m tools.bench",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                     help="work directory (default: build/bench)")

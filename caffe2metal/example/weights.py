@@ -17,11 +17,11 @@ import math
 
 import numpy as np
 
-from .caffemodel import write_caffemodel
-from .errors import Caffe2MetalError
-from .reader import Model
-from .fold import Plan
-from .write_caffe import merged_layers, merged_prototxt
+from ..caffe.caffemodel import write_caffemodel
+from ..errors import Caffe2MetalError
+from ..net.reader import Model
+from ..fold import Plan
+from ..export.caffe import merged_layers, merged_prototxt
 
 
 def init_weights(model: Model, seed: int = 0) -> None:
@@ -104,8 +104,8 @@ def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
     """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
     (it would run TRAIN twins of deploy layers) and lacks some fork type names.
     Layers of the types in ``drop`` are left out."""
-    from . import textproto
-    from .write_caffe import cut_span
+    from ..caffe import textproto
+    from ..export.caffe import cut_span
     text = merged_prototxt(model, model.graph, Plan())
     doc = textproto.parse(text, model.prototxt)
     edits = []

@@ -71,10 +71,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fold, mps
-from .errors import Caffe2MetalError
-from .reader import read_model, read_prototxt
-from .synth import opencv_text
+from .. import fold
+from .. import mps
+from ..errors import Caffe2MetalError
+from ..net.reader import read_model, read_prototxt
+from ..example.weights import opencv_text
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 END_TO_END_TOLERANCE = {"": 1e-4, "DetectionOutput": 1e-3}
@@ -160,7 +161,7 @@ def read_array(out: Path, spec: dict, owner: str | None = None) -> tuple[np.ndar
 
 def _opencv(prototxt_text: str, caffemodel: Path):
     import cv2
-    from .synth import opencv_net
+    from ..example.weights import opencv_net
     try:
         return opencv_net(prototxt_text, Path(caffemodel).read_bytes(), fusion=False)
     except cv2.error as e:
@@ -365,7 +366,7 @@ def caffe_reference(graph, entry: dict, x: np.ndarray) -> np.ndarray:
     BatchNorm/Scale chain as per-channel affines.  verify consults it only
     when OpenCV's output disagrees, to tell a wrong file from a wrong OpenCV.
     """
-    from .shapes import conv_geometry
+    from ..net.shapes import conv_geometry
     x = np.asarray(x, np.float64)[0]
     if entry["kind"] == "channel_affine":
         chain = [graph.layer(n) for n in entry["chain"]]

@@ -114,7 +114,7 @@ from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
-from .errors import Caffe2MetalError, ExportError, ModelFormatError
+from ..errors import Caffe2MetalError, ExportError, ModelFormatError
 
 __all__ = [
     "ModelLayer",

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 
 from . import shapes as shape_rules
-from . import textfill, textproto
-from .fold import first_nonfinite
-from .errors import GraphError, ModelFormatError
-from .graph import Graph, Layer
-from .proto import caffe_pb2
+from ..caffe import textfill
+from ..caffe import textproto
+from ..fold import first_nonfinite
+from ..errors import GraphError, ModelFormatError
+from ..graph import Graph, Layer
+from ..caffe.proto import caffe_pb2
 
 _NET = caffe_pb2.NetParameter.DESCRIPTOR
 _LAYER = caffe_pb2.LayerParameter.DESCRIPTOR
@@ -253,7 +254,7 @@ def _params(msg) -> dict:
 
 
 def _upgrade_v1(v1, path):
-    from .caffemodel import V1_LAYER_TYPES
+    from ..caffe.caffemodel import V1_LAYER_TYPES
     layer = caffe_pb2.LayerParameter(name=v1.name, bottom=v1.bottom, top=v1.top)
     if v1.type not in V1_LAYER_TYPES:
         raise ModelFormatError(f"V1 layer type {v1.type} has no modern equivalent",
@@ -273,7 +274,7 @@ def _upgrade_v1(v1, path):
 
 def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
     """Give every layer its blobs from ``caffemodel``, checked against the prototxt."""
-    from .caffemodel import read_caffemodel
+    from ..caffe.caffemodel import read_caffemodel
     path = str(caffemodel)
     # a net whose layers all take no blobs is saved with no layers at all
     weightless = all(s is not None and not s for s in model.shapes.params.values())

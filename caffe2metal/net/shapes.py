@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import GraphError
-from .graph import Graph
+from ..errors import GraphError
+from ..graph import Graph
 
 Shape = tuple
 
@@ -394,7 +394,7 @@ def _crop(layer, ins):
 @rule("PriorBox")
 def _priorbox(layer, ins):
     feat = _need(ins, 1)[0]
-    from .priors import priors_per_cell
+    from ..layers.priorbox import priors_per_cell
     per_cell = priors_per_cell(**layer.params.get("prior_box_param", {}))
     return [(1, 2, feat[2] * feat[3] * per_cell * 4)], []
 

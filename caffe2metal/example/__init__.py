@@ -208,9 +208,9 @@ layer {{
 
 def build(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write ``<STEM>.prototxt`` and ``<STEM>.caffemodel`` into ``directory``."""
-    from . import synth
-    from .reader import read_prototxt
-    from .write_caffe import write_merged_caffemodel
+    from . import weights as synth
+    from ..net.reader import read_prototxt
+    from ..export.caffe import write_merged_caffemodel
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto = d / f"{STEM}.prototxt"

@@ -1,6 +1,6 @@
 """Fuzz the whole ``convert`` path with broken and hostile model files.
 
-    python -m caffe2metal.fuzz [--seconds 300] [--seed N] [--crashes build/fuzz/crashes]
+    python -m tools.fuzz [--seconds 300] [--seed N] [--crashes build/fuzz/crashes]
 
 (``make fuzz``; ``FUZZ_SECONDS`` sets the duration.)  ``tests/test_fuzz.py``
 runs the same generators under hypothesis for a few seconds in ``make test``.
@@ -133,9 +133,9 @@ class Seed:
 def _synth_weights(text: str | bytes, seed: int = 0,
                    max_params: int = MAX_SEED_PARAMS) -> bytes | None:
     """Deterministic weights for ``text`` (no calibration), or None if too big or unreadable."""
-    from . import synth
-    from .errors import Caffe2MetalError
-    from .reader import read_prototxt
+    from caffe2metal.example import weights as synth
+    from caffe2metal.errors import Caffe2MetalError
+    from caffe2metal.net.reader import read_prototxt
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "seed.prototxt"
         p.write_bytes(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
@@ -168,7 +168,7 @@ def _synth_weights(text: str | bytes, seed: int = 0,
 @functools.lru_cache(maxsize=None)
 def corpus(models_dir: str | None = None, real: bool = True) -> tuple[Seed, ...]:
     """The seed nets: built-in ones first, then ``models_dir`` (default ../shared/models)."""
-    from . import example
+    from caffe2metal import example
     texts = [("example", example.prototxt()), ("tiny", TINY), ("tiny_v1", TINY_V1),
              ("tiny_input_layer", TINY_LAYER_INPUT)]
     root = Path(models_dir) if models_dir else SHARED_MODELS
@@ -314,8 +314,8 @@ LAYER_SNIPPETS = [
 def mutate_semantics(rnd: random.Random, text: str) -> bytes:
     """Edits that keep the syntax: numbers, types, renamed or rewired blobs, added
     fields, layers deleted, duplicated or swapped."""
-    from . import textproto
-    from .errors import Caffe2MetalError
+    from caffe2metal.caffe import textproto
+    from caffe2metal.errors import Caffe2MetalError
     for _ in range(rnd.choice([1, 1, 2, 3])):
         try:
             doc = textproto.parse(text)
@@ -409,8 +409,8 @@ def mutate_caffemodel(rnd: random.Random, data: bytes, seeds=()) -> bytes:
 
 def mutate_values(rnd: random.Random, data: bytes) -> bytes:
     """Put NaN, Inf, negative or huge numbers into the blobs of a valid caffemodel."""
-    from .caffemodel import ModelLayer, parse_caffemodel, write_caffemodel
-    from .errors import Caffe2MetalError
+    from caffe2metal.caffe.caffemodel import ModelLayer, parse_caffemodel, write_caffemodel
+    from caffe2metal.errors import Caffe2MetalError
     try:
         layers = [ModelLayer(l.name, l.type, [np.array(x, dtype=np.float32) for x in l.blobs])
                   for l in parse_caffemodel(data)]
@@ -495,7 +495,7 @@ def special(rnd: random.Random, seeds) -> tuple[bytes, bytes]:
         return rnd.choice([(base.caffemodel, base.prototxt), (base.prototxt, base.prototxt),
                            (base.caffemodel, base.caffemodel), (base.prototxt, other.caffemodel)])
     elif kind == 6:                                            # a blob declaring 10^12 values
-        from .caffemodel import _varint_bytes as v
+        from caffe2metal.caffe.caffemodel import _varint_bytes as v
         shape = b"\x0a" + v(len(v(10**6) * 2)) + v(10**6) * 2
         blob = b"\x3a" + v(len(shape)) + shape
         blob = b"\x3a" + v(len(blob)) + blob
@@ -615,7 +615,7 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
 
     ``threads``: write through the write-behind threads whatever the model's size
     (the path big models take)."""
-    from . import convert
+    from caffe2metal import convert
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
@@ -696,7 +696,7 @@ def _run_cli(argv: list[str], seconds: float, memory: int | None,
              what: str = "") -> tuple[int, str, str]:
     """``cli.main(argv)`` in process under the time and memory limits: (status, stdout,
     stderr); a hang, a MemoryError or any exception raises Failure (prefixed ``what``)."""
-    from . import cli
+    from caffe2metal import cli
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with _time_limit(seconds), _memory_limit(memory), \
@@ -768,7 +768,7 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m caffe2metal.fuzz",
+    ap = argparse.ArgumentParser(prog="python -m tools.fuzz",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", 300)))
     ap.add_argument("--seed", type=int,

@@ -33,7 +33,7 @@ import sys
 import threading
 from typing import BinaryIO, Callable
 
-from .errors import ExportError
+from ..errors import ExportError
 
 
 class _Worker:

@@ -89,6 +89,7 @@ import numpy as np
 
 from .. import fold
 from .. import mps
+from ..arrays import first_nonfinite
 from ..errors import ExportError
 from ..graph import Graph, Layer
 from ..net.shapes import conv_geometry
@@ -606,7 +607,7 @@ def _finite32(values, owner, checked: bool = False) -> np.ndarray:
     a = np.asarray(values)
     if a.dtype != np.float32:
         a = np.asarray(a, np.float64)
-    bad = None if checked else fold.first_nonfinite(a)
+    bad = None if checked else first_nonfinite(a)
     if bad is not None:
         raise ExportError(f"holds {a.reshape(-1)[bad]} at element {bad}", layer=owner)
     return a.astype(np.float32, copy=False)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..arrays import first_nonfinite
 from ..errors import GraphError
 from ..graph import Graph, Layer
 
@@ -184,16 +185,6 @@ def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
 
 
 # ---------------------------------------------------------------- arithmetic
-
-def first_nonfinite(a: np.ndarray, chunk: int = 1 << 20) -> int | None:
-    """Index of the first NaN/inf of ``a`` (flat), checked in chunks: no big temporaries."""
-    flat = a.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        part = np.isfinite(flat[start:start + chunk])
-        if not part.all():
-            return start + int(np.flatnonzero(~part)[0])
-    return None
-
 
 def _check_finite(graph: Graph, layer: Layer, index: int) -> None:
     blob = np.asarray(layer.blobs[index])

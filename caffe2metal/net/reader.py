@@ -25,7 +25,7 @@ from google.protobuf import text_format
 from . import shapes as shape_rules
 from ..caffe import textfill
 from ..caffe import textproto
-from ..fold import first_nonfinite
+from ..arrays import first_nonfinite
 from ..errors import GraphError, ModelFormatError
 from ..graph import Graph, Layer
 from ..caffe.proto import caffe_pb2

@@ -41,6 +41,7 @@ from caffe2metal.errors import ExportError
 from caffe2metal.example import build as build_example
 from caffe2metal.net.reader import read_model, read_prototxt
 from caffe2metal.export.caffe import write_merged_caffemodel
+from caffe2metal.verify.opencv import caffemodel_bytes, opencv_net
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 SCHEMA = json.loads((files("caffe2metal.export") / "manifest.schema.json").read_text())
@@ -545,7 +546,7 @@ def test_manifest_without_metal_is_valid(tmp_path):
 
 def opencv_priors(model, concat="mbox_priorbox") -> np.ndarray:
     """OpenCV's output of the Concat that collects the PriorBox layers."""
-    net = synth.opencv_net(model.document.text, synth.caffemodel_bytes(model))
+    net = opencv_net(model.document.text, caffemodel_bytes(model))
     for name, x in synth.random_inputs(model, 1, 1)[0].items():
         net.setInput(x, name)
     return net.forward(concat)

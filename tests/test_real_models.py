@@ -6,7 +6,7 @@
   max|diff| / max|reference| <= 2e-4 on every net output (for SSD: on the
   inputs of DetectionOutput), OpenCV's own fusion off on both.
 
-OpenCV is given `synth.opencv_text`: the TEST-phase text (OpenCV ignores phase
+OpenCV is given `opencv_text`: the TEST-phase text (OpenCV ignores phase
 rules) with the fork's DepthwiseConvolution called "Convolution" (same blobs,
 same math); that changes nothing that is computed.
 """
@@ -24,6 +24,7 @@ from caffe2metal import fold
 from caffe2metal.example import weights as synth
 from caffe2metal.convert import convert
 from caffe2metal.net.reader import read_model
+from caffe2metal.verify.opencv import opencv_text
 from conftest import real_models, model_id, with_weights
 
 MODELS = real_models()
@@ -48,9 +49,9 @@ def _drop(model_name):
 
 
 def _runnable_copy(model, tmp_path, name, model_name):
-    """The TEST-phase prototxt as OpenCV needs it (see synth.opencv_text)."""
+    """The TEST-phase prototxt as OpenCV needs it (see opencv_text)."""
     p = tmp_path / f"{name}.prototxt"
-    p.write_text(synth.opencv_text(model, _drop(model_name)))
+    p.write_text(opencv_text(model, _drop(model_name)))
     return p
 
 

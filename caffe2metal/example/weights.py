@@ -12,16 +12,17 @@ leaves them in real snapshots.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
-from ..caffe.caffemodel import write_caffemodel
 from ..errors import Caffe2MetalError
 from ..net.reader import Model
-from ..fold import Plan
-from ..export.caffe import merged_layers, merged_prototxt
+from ..verify.opencv import caffemodel_bytes, opencv_net, opencv_text
+
+__all__ = ["calibrate", "init_weights", "random_inputs",
+           # OpenCV plumbing, at home in caffe2metal.verify.opencv
+           "caffemodel_bytes", "opencv_net", "opencv_text"]
 
 
 def init_weights(model: Model, seed: int = 0) -> None:
@@ -88,48 +89,6 @@ def _smooth_kernels(rng, shape, fan_in) -> np.ndarray:
     taps = taps / np.sqrt((taps ** 2).sum())
     mix = rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), shape[:2] + (1, 1)) * math.sqrt(kh * kw)
     return mix * (taps + rng.normal(0.0, 0.3 / math.sqrt(kh * kw), shape))
-
-
-def caffemodel_bytes(model: Model) -> bytes:
-    buf = io.BytesIO()
-    write_caffemodel(buf, merged_layers(model.graph), net_name=model.graph.name)
-    return buf.getvalue()
-
-
-# fork layer types OpenCV knows under another name, with the same blobs and math
-_OPENCV_TYPE_NAMES = {"DepthwiseConvolution": "Convolution"}
-
-
-def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
-    """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
-    (it would run TRAIN twins of deploy layers) and lacks some fork type names.
-    Layers of the types in ``drop`` are left out."""
-    from ..caffe import textproto
-    from ..export.caffe import cut_span
-    text = merged_prototxt(model, model.graph, Plan())
-    doc = textproto.parse(text, model.prototxt)
-    edits = []
-    for block in doc.fields:
-        for t in block.get("type") if block.name == "layer" else ():
-            value = textproto.unquote(t.value or "")
-            if value in drop:
-                edits.append(cut_span(text, block) + ("",))
-            elif value in _OPENCV_TYPE_NAMES:
-                edits.append((t.value_start, t.value_start + len(t.value),
-                              f'"{_OPENCV_TYPE_NAMES[value]}"'))
-    for start, end, new in sorted(edits, reverse=True):
-        text = text[:start] + new + text[end:]
-    return text
-
-
-def opencv_net(prototxt_text: str, model_bytes: bytes, fusion: bool = False):
-    import cv2
-    net = cv2.dnn.readNetFromCaffe(np.frombuffer(prototxt_text.encode(), np.uint8),
-                                   np.frombuffer(model_bytes, np.uint8))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    net.enableFusion(fusion)
-    return net
 
 
 def _image_like(rng, shape) -> np.ndarray:

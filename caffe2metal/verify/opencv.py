@@ -1,0 +1,153 @@
+"""The original model in OpenCV (fusion off): the text and weights it is given, and its runs.
+
+OpenCV ignores phase rules and lacks some fork type names, so it is given the
+TEST-phase text with those renamed (``opencv_text``); ``_forward`` reads any
+set of blobs out of one run, mapping the file's layer names onto OpenCV's.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Collection
+
+import numpy as np
+
+from ..caffe.caffemodel import write_caffemodel
+from ..errors import Caffe2MetalError
+from ..export.caffe import merged_layers, merged_prototxt
+from ..fold import Plan
+from ..graph import Graph
+from ..net.reader import Model
+
+if TYPE_CHECKING:
+    import cv2
+
+
+def caffemodel_bytes(model: Model) -> bytes:
+    buf = io.BytesIO()
+    write_caffemodel(buf, merged_layers(model.graph), net_name=model.graph.name)
+    return buf.getvalue()
+
+
+# fork layer types OpenCV knows under another name, with the same blobs and math
+_OPENCV_TYPE_NAMES = {"DepthwiseConvolution": "Convolution"}
+
+
+def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
+    """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
+    (it would run TRAIN twins of deploy layers) and lacks some fork type names.
+    Layers of the types in ``drop`` are left out."""
+    from ..caffe import textproto
+    from ..export.caffe import cut_span
+    text = merged_prototxt(model, model.graph, Plan())
+    doc = textproto.parse(text, model.prototxt)
+    edits = []
+    for block in doc.fields:
+        for t in block.get("type") if block.name == "layer" else ():
+            value = textproto.unquote(t.value or "")
+            if value in drop:
+                edits.append(cut_span(text, block) + ("",))
+            elif value in _OPENCV_TYPE_NAMES:
+                edits.append((t.value_start, t.value_start + len(t.value),
+                              f'"{_OPENCV_TYPE_NAMES[value]}"'))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
+
+
+def opencv_net(prototxt_text: str, model_bytes: bytes, fusion: bool = False) -> cv2.dnn.Net:
+    import cv2
+    net = cv2.dnn.readNetFromCaffe(np.frombuffer(prototxt_text.encode(), np.uint8),
+                                   np.frombuffer(model_bytes, np.uint8))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    net.enableFusion(fusion)
+    return net
+
+
+def _opencv(prototxt_text: str, caffemodel: Path) -> cv2.dnn.Net:
+    import cv2
+    try:
+        return opencv_net(prototxt_text, Path(caffemodel).read_bytes(), fusion=False)
+    except cv2.error as e:
+        raise Caffe2MetalError(f"OpenCV cannot load this model: {_cv_message(e)}",
+                               file=caffemodel) from None
+    except OSError as e:
+        raise Caffe2MetalError(f"cannot read: {e.strerror}", file=caffemodel) from None
+
+
+def _cv_message(e: Exception) -> str:
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    return lines[-1].split(") ", 1)[-1] if lines else str(e)
+
+
+def _cv_pins(graph: Graph, net: cv2.dnn.Net,
+             drop: Collection[str] = ()) -> dict[tuple[int, int], tuple[str, int]]:
+    """(id(layer), top index) -> (OpenCV layer name, output index).
+
+    OpenCV's Caffe importer names a layer as the file does, with ``_1``,
+    ``_2``, ... appended to repeated names, except ``Convolution``: one OpenCV
+    layer per top, named after that top (blob) name.
+    """
+    seen: dict[str, int] = {}
+    pins = {}
+    for layer in graph.layers:
+        k = seen.get(layer.name, 0)
+        seen[layer.name] = k + 1
+        for i, top in enumerate(layer.tops):
+            if layer.type == "Convolution":
+                pins[(id(layer), i)] = (graph.blob_names.get(top, top), 0)
+            else:
+                pins[(id(layer), i)] = (layer.name if k == 0 else f"{layer.name}_{k}", i)
+    have = set(net.getLayerNames())
+    missing = [pins[(id(l), 0)][0] for l in graph.layers if l.type != "Input" and
+               l.type not in drop and l.tops and pins[(id(l), 0)][0] not in have]
+    if missing:
+        raise Caffe2MetalError(f"OpenCV's net has no layer {missing[0]!r}: its layer list does not "
+                               "match this prototxt", file=graph.source)
+    return pins
+
+
+def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs: set[str],
+             drop: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The value of each unique blob in ``blobs`` after one OpenCV forward pass.
+
+    OpenCV keeps the requested outputs of a layer alive only for its first
+    output: a later in-place layer may overwrite the second output of a
+    Slice.  So blobs at output index > 0 are read in a pass of their own that
+    stops at their layer.
+    """
+    import cv2
+    pins = _cv_pins(graph, net, drop)
+    producers = graph.producers()
+    where, first, later = {}, [], []
+    for b in blobs:
+        layer = producers.get(b)
+        if layer is None or layer.type == "Input":
+            continue
+        n, i = pins[(id(layer), layer.tops.index(b))]
+        where[b] = (n, i)
+        group = first if i == 0 else later
+        if n not in group:
+            group.append(n)
+
+    def run(names: list[str]) -> list[list[np.ndarray]]:
+        for name, x in feed.items():
+            net.setInput(x, name)
+        try:
+            return [[np.array(o, np.float32) for o in outs]
+                    for outs in net.forwardAndRetrieve(names)]
+        except cv2.error as e:
+            raise Caffe2MetalError(f"OpenCV cannot run this model: {_cv_message(e)}",
+                                   file=graph.source) from None
+
+    by_layer = dict(zip(first, run(first))) if first else {}
+    early = {n: run([n])[0] for n in later}
+    values = {}
+    for b in blobs:
+        if b in where:
+            n, i = where[b]
+            values[b] = (by_layer if i == 0 else early)[n][i]
+        else:
+            values[b] = feed[graph.blob_names.get(b, b)]
+    return values

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple, NoReturn
 
 from google.protobuf import text_encoding
 
@@ -62,7 +63,14 @@ class Document:
         return line, col
 
 
-def _tokens(text: str, path: str):
+class _Token(NamedTuple):
+    kind: str           # "str", "word" or "punct"
+    text: str
+    start: int
+    end: int
+
+
+def _tokens(text: str, path: str) -> list[_Token]:
     pos, n = 0, len(text)
     out = []
     while pos < n:
@@ -72,103 +80,127 @@ def _tokens(text: str, path: str):
             line, col = doc.position(pos)
             raise ModelFormatError(f"{line}:{col}: unexpected character {text[pos]!r}", file=path)
         if m.lastgroup != "skip":
-            out.append((m.lastgroup, m.group(), m.start(), m.end()))
+            out.append(_Token(m.lastgroup, m.group(), m.start(), m.end()))
         pos = m.end()
     return out
 
 
-def parse(text: str, path: str = "") -> Document:
-    """Split ``text`` into a field tree; raises ModelFormatError with line:col."""
-    toks = _tokens(text, path)
-    doc = Document(text, path=path)
-    i = 0
-    depth = 0
+class _Parser:
+    """Recursive descent over the token list: ``i`` is the next token, ``depth``
+    the current nesting of ``{ }``, ``< >`` and ``[ ]``."""
 
-    def fail(msg, at):
-        line, col = doc.position(toks[at][2] if at < len(toks) else len(text))
-        raise ModelFormatError(f"{line}:{col}: {msg}", file=path)
+    def __init__(self, text: str, path: str):
+        self.toks = _tokens(text, path)
+        self.doc = Document(text, path=path)
+        self.i = 0
+        self.depth = 0
 
-    def message(close):
-        nonlocal i
+    def fail(self, msg: str, at: int) -> NoReturn:
+        toks, doc = self.toks, self.doc
+        line, col = doc.position(toks[at].start if at < len(toks) else len(doc.text))
+        raise ModelFormatError(f"{line}:{col}: {msg}", file=doc.path)
+
+    def parse(self) -> Document:
+        self.doc.fields = self.message(None)
+        return self.doc
+
+    def message(self, close: str | None) -> list[Field]:
+        """The fields up to ``close`` (consumed), or to the end of the file if None."""
+        toks = self.toks
         fields = []
         while True:
-            if i >= len(toks):
+            if self.i >= len(toks):
                 if close is None:
                     return fields
-                fail(f"missing '{close}' before the end of the file", i)
-            kind, tok, start, _ = toks[i]
+                self.fail(f"missing '{close}' before the end of the file", self.i)
+            kind, tok, start, _ = toks[self.i]
             if close is not None and tok == close and kind == "punct":
-                i += 1
+                self.i += 1
                 return fields
             if tok in (",", ";") and kind == "punct":
-                i += 1
+                self.i += 1
                 continue
-            if kind == "punct" and tok == "[":          # [extension.name]
-                j = i
-                while j < len(toks) and toks[j][1] != "]":
-                    j += 1
-                if j >= len(toks):
-                    fail("unterminated extension name", i)
-                name = "".join(t[1] for t in toks[i:j + 1])
-                i = j + 1
-            elif kind == "word":
-                name = tok
-                i += 1
-            else:
-                fail(f"expected a field name, found {tok!r}", i)
-            f = Field(name, start, start)
-            if i < len(toks) and toks[i][1] == ":" and toks[i][0] == "punct":
-                i += 1
-            value(f)
+            f = Field(self.field_name(), start, start)
+            if self.i < len(toks) and toks[self.i].text == ":" and toks[self.i].kind == "punct":
+                self.i += 1
+            self.value(f)
             fields.append(f)
 
-    def nest(at):
-        nonlocal depth
-        depth += 1
-        if depth > MAX_DEPTH:
-            fail(f"nested more than {MAX_DEPTH} levels deep", at)
+    def field_name(self) -> str:
+        """A field name (a word, or a bracketed ``[extension.name]``), consumed."""
+        toks, i = self.toks, self.i
+        kind, tok = toks[i].kind, toks[i].text
+        if kind == "punct" and tok == "[":              # [extension.name]
+            j = i
+            while j < len(toks) and toks[j].text != "]":
+                j += 1
+            if j >= len(toks):
+                self.fail("unterminated extension name", i)
+            self.i = j + 1
+            return "".join(t.text for t in toks[i:j + 1])
+        if kind == "word":
+            self.i += 1
+            return tok
+        self.fail(f"expected a field name, found {tok!r}", i)
 
-    def value(f):
-        nonlocal i, depth
-        if i >= len(toks):
-            fail(f"missing value for field '{f.name}'", i)
-        kind, tok, start, end = toks[i]
+    def nest(self, at: int) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.fail(f"nested more than {MAX_DEPTH} levels deep", at)
+
+    def value(self, f: Field) -> None:
+        """The value of ``f`` (a message, a list or a scalar), recorded on it."""
+        toks = self.toks
+        if self.i >= len(toks):
+            self.fail(f"missing value for field '{f.name}'", self.i)
+        kind, tok, start, _ = toks[self.i]
         if kind == "punct" and tok in _CLOSE:
-            nest(i)
-            i += 1
-            if f.children is None:
-                f.children = []
-            f.children.extend(message(_CLOSE[tok]))
-            f.end = toks[i - 1][3]
-            depth -= 1
+            self.message_value(f, tok)
         elif kind == "punct" and tok == "[":
-            nest(i)
-            f.is_list = True
-            i += 1
-            while True:
-                if i >= len(toks):
-                    fail("unterminated list", i)
-                if toks[i][1] == "]":
-                    i += 1
-                    break
-                if toks[i][1] == ",":
-                    i += 1
-                    continue
-                value(f)
-            f.end = toks[i - 1][3]
-            depth -= 1
+            self.list_value(f)
         elif kind in ("word", "str"):
             if f.value is None:
                 f.value, f.value_start = tok, start
-            i += 1
-            while kind == "str" and i < len(toks) and toks[i][0] == "str":   # "a" "b" concatenation
-                i += 1
-            f.end = toks[i - 1][3]
+            self.i += 1
+            while kind == "str" and self.i < len(toks) and toks[self.i].kind == "str":
+                self.i += 1                                 # "a" "b" concatenation
+            f.end = toks[self.i - 1].end
         else:
-            fail(f"expected a value for field '{f.name}', found {tok!r}", i)
+            self.fail(f"expected a value for field '{f.name}', found {tok!r}", self.i)
 
-    doc.fields = message(None)
-    return doc
+    def message_value(self, f: Field, open_: str) -> None:
+        """``{ fields }`` or ``< fields >``: appended to ``f``'s children."""
+        self.nest(self.i)
+        self.i += 1
+        if f.children is None:
+            f.children = []
+        f.children.extend(self.message(_CLOSE[open_]))
+        f.end = self.toks[self.i - 1].end
+        self.depth -= 1
+
+    def list_value(self, f: Field) -> None:
+        """``[v, v, ...]``: each value recorded on ``f`` as if written separately."""
+        toks = self.toks
+        self.nest(self.i)
+        f.is_list = True
+        self.i += 1
+        while True:
+            if self.i >= len(toks):
+                self.fail("unterminated list", self.i)
+            if toks[self.i].text == "]":
+                self.i += 1
+                break
+            if toks[self.i].text == ",":
+                self.i += 1
+                continue
+            self.value(f)
+        f.end = toks[self.i - 1].end
+        self.depth -= 1
+
+
+def parse(text: str, path: str = "") -> Document:
+    """Split ``text`` into a field tree; raises ModelFormatError with line:col."""
+    return _Parser(text, path).parse()
 
 
 def unknown_fields(fields: list[Field], descriptor, prefix: str = "") -> list[tuple[str, Field]]:

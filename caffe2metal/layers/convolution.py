@@ -1,0 +1,166 @@
+"""Convolution, and the fork types with its blobs and math.
+
+* ``Convolution``: W [out][in/group][kH][kW], b [out] when ``bias_term`` (default true).
+* ``DepthwiseConvolution`` (MobileNet forks): the same layer under another name;
+  OpenCV knows it as ``Convolution``.
+* ``ConvolutionDepthwise`` (other forks): one group per input channel whatever
+  ``group`` says.
+
+Shape (Caffe): ``out = (in + 2*pad - (dilation*(k-1) + 1)) // stride + 1`` per axis.
+Fold: W' = W * k along axis 0 (the output channels).  Metal export:
+``depthwise_convolution`` when group == in == out, else ``convolution`` (written
+dense when a group's channel count is not a multiple of 4, as MPS requires).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import mps
+from ..errors import ExportError
+from ..graph import Layer
+from ..mps.rows import layout
+from .registry import Producer, axis_index, need, register
+
+TYPES = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise")
+GROUP_IS_CHANNELS = ("ConvolutionDepthwise",)     # fork types: group = input channels
+OPENCV_NAMES = {"DepthwiseConvolution": "Convolution"}
+
+
+def spatial(p: dict, name: str, default: int, n: int = 2) -> tuple:
+    """Caffe's per-axis geometry: ``name_h``/``name_w`` win over ``name`` (repeated or scalar)."""
+    h, w = p.get(f"{name}_h"), p.get(f"{name}_w")
+    if h is not None or w is not None:
+        if n != 2 or h is None or w is None:
+            raise ValueError(f"{name}_h and {name}_w must be given together (2-D only)")
+        return (h, w)
+    v = p.get(name if name != "kernel" else "kernel_size", [])
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not v:
+        return (default,) * n
+    if len(v) == 1:
+        return (v[0],) * n
+    if len(v) != n:
+        raise ValueError(f"{name} has {len(v)} values for {n} spatial axes")
+    return tuple(v)
+
+
+def conv_geometry(p: dict, n: int = 2) -> dict:
+    """Kernel, stride, pad, dilation of a ``convolution_param`` with Caffe's defaults."""
+    kernel = spatial(p, "kernel", 0, n)
+    if any(k <= 0 for k in kernel):
+        raise ValueError("kernel size is not set")
+    return dict(kernel=kernel, stride=spatial(p, "stride", 1, n), pad=spatial(p, "pad", 0, n),
+                dilation=spatial(p, "dilation", 1, n))
+
+
+def _param(layer: Layer) -> dict:
+    return layer.params.get("convolution_param", {})
+
+
+# ---------------------------------------------------------------- shape
+
+def _shape(layer: Layer, ins: list):
+    (x,) = need(ins, 1)[:1]
+    p = _param(layer)
+    axis = axis_index(p.get("axis", 1), len(x))
+    n = len(x) - axis - 1
+    g = conv_geometry(p, n)
+    c = x[axis]
+    group = c if layer.type in GROUP_IS_CHANNELS else p.get("group", 1)
+    num_output = p["num_output"]
+    if c % group or num_output % group:
+        raise ValueError(f"{c} input / {num_output} output channels not divisible by group {group}")
+    out = tuple((s + 2 * pd - (d * (k - 1) + 1)) // st + 1 for s, k, st, pd, d in
+                zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"]))
+    params = [(num_output, c // group) + g["kernel"]]
+    if p.get("bias_term", True):
+        params.append((num_output,))
+    return [x[:axis] + (num_output,) + out], params
+
+
+# ---------------------------------------------------------------- fold
+
+def _rows_multiplier(layer: Layer, w: np.ndarray, k: np.ndarray) -> np.ndarray:
+    return k.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+PRODUCER = Producer(
+    param_key="convolution_param", weight_axes=tuple(range(3, 33)),
+    output_channels=lambda layer: layer.blobs[0].shape[0],
+    multiplier=_rows_multiplier,
+    fan_in=lambda layer, shape: math.prod(shape[1:]))
+
+
+# ---------------------------------------------------------------- Metal export
+
+def pair_list(t) -> list[int]:
+    return [int(v) for v in t]
+
+
+def check_2d(layer: Layer):
+    """The weights (an array, or folded lazily) and the 2-D geometry MPS needs."""
+    p = _param(layer)
+    w = layer.blobs[0]
+    if not hasattr(w, "row_blocks"):                # an array, not weights folded lazily
+        w = np.asarray(w)
+    if w.ndim != 4:
+        raise ExportError(f"has {w.ndim}-D weights {list(w.shape)}: MPS convolutions are 2-D",
+                          layer=layer.name)
+    if p.get("axis", 1) not in (1, -3):
+        raise ExportError("convolution_param.axis is not 1: MPS needs channels on axis 1",
+                          layer=layer.name)
+    try:
+        geo = conv_geometry(p, 2)
+    except ValueError as e:
+        raise ExportError(str(e), layer=layer.name) from None
+    return w, geo
+
+
+def dense(w: np.ndarray, groups: int, layer: str = "") -> np.ndarray:
+    """Grouped MPS weights [out][kH][kW][in/g] as one dense block-diagonal [out][kH][kW][in]."""
+    if w.size * groups > max(16 * w.size, 1 << 24):
+        raise ExportError(f"{groups} groups of {w.shape[3]} channel(s) would take "
+                          f"{w.size * groups:,} values written dense (MPS wants each group's "
+                          "channel count to be a multiple of 4)", layer=layer)
+    out, kh, kw, cg = w.shape
+    d = np.zeros((groups, out // groups, kh, kw, groups, cg), w.dtype)
+    g = np.arange(groups)
+    d[g, :, :, :, g, :] = w.reshape(groups, out // groups, kh, kw, cg)
+    return d.reshape(out, kh, kw, groups * cg)
+
+
+def mps_groups(cin: int, cout: int, group: int) -> bool:
+    """Whether MPS can run ``group`` groups: each group's channels a multiple of 4."""
+    return not (group > 1 and (cin // group % 4 or cout // group % 4))
+
+
+def geometry(kind: str, weights, geo: dict, group: int, dense_from, cin: int, cout: int) -> dict:
+    return dict(kind=kind, weights=weights, kernel=pair_list(geo["kernel"]),
+                stride=pair_list(geo["stride"]), pad=pair_list(geo["pad"]),
+                dilation=pair_list(geo["dilation"]), groups=group, dense_from_groups=dense_from,
+                input_channels=cin, output_channels=cout)
+
+
+def _export(layer: Layer, in_shape) -> dict:
+    w, geo = check_2d(layer)
+    kh, kw = w.shape[2:]
+    if layer.type in GROUP_IS_CHANNELS:
+        group = int(in_shape[1]) if in_shape and in_shape[1] else w.shape[0]
+    else:
+        group = int(_param(layer).get("group", 1))
+    cin, cout = w.shape[1] * group, w.shape[0]
+    if group > 1 and group == cin == cout:          # rows are channels: [C][kH][kW]
+        arr = layout((cout, kh, kw), w, mps.depthwise_weights)
+        return geometry("depthwise_convolution", arr, geo, group, None, cin, cout)
+    if not mps_groups(cin, cout, group):
+        arr = dense(mps.conv_weights(np.asarray(w)), group, layer.name)
+        return geometry("convolution", arr, geo, 1, group, cin, cout)
+    arr = layout((cout, kh, kw, w.shape[1]), w, mps.conv_weights)   # rows are output channels
+    return geometry("convolution", arr, geo, group, None, cin, cout)
+
+
+for _type in TYPES:
+    register(_type, shape=_shape, producer=PRODUCER, export=_export,
+             opencv_type=OPENCV_NAMES.get(_type))

@@ -1,0 +1,75 @@
+"""Deconvolution: the adjoint of a (grouped) Convolution.
+
+W [in][out/group][kH][kW] (output channels on axis 1 of W), b [out].
+Shape (Caffe): ``out = stride*(in-1) + dilation*(k-1) + 1 - 2*pad`` per axis.
+Fold: W' = W * k along axis 1, per group (row r of W, an input channel, is in
+group r // (in/group)).  Metal export: ``convolution_transpose``, kernel flipped
+and in/out swapped per group (``mps.deconv_weights``); written dense when a
+group's channel count is not a multiple of 4.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import mps
+from ..graph import Layer
+from .convolution import check_2d, conv_geometry, dense, geometry, mps_groups
+from .registry import Producer, axis_index, need, register
+
+
+def _param(layer: Layer) -> dict:
+    return layer.params.get("convolution_param", {})
+
+
+def _shape(layer: Layer, ins: list):
+    (x,) = need(ins, 1)[:1]
+    p = _param(layer)
+    axis = axis_index(p.get("axis", 1), len(x))
+    g = conv_geometry(p, len(x) - axis - 1)
+    c, group, num_output = x[axis], p.get("group", 1), p["num_output"]
+    if c % group or num_output % group:
+        raise ValueError(f"{c} input / {num_output} output channels not divisible by group {group}")
+    out = tuple(st * (s - 1) + d * (k - 1) + 1 - 2 * pd for s, k, st, pd, d in
+                zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"]))
+    params = [(c, num_output // group) + g["kernel"]]
+    if p.get("bias_term", True):
+        params.append((num_output,))
+    return [x[:axis] + (num_output,) + out], params
+
+
+def _multiplier(layer: Layer, w: np.ndarray, k: np.ndarray) -> np.ndarray:
+    group = _param(layer).get("group", 1)
+    cin, per = w.shape[0], w.shape[1]
+    # row r of W (an input channel) is in group r // (cin/group): per-row factors
+    return np.repeat(k.reshape(group, 1, per), cin // group, axis=1).reshape(
+        (cin, per) + (1,) * (w.ndim - 2))
+
+
+def _check(layer: Layer, w: np.ndarray) -> str | None:
+    group = _param(layer).get("group", 1)
+    if group <= 0 or w.shape[0] % group:
+        return f"weights have {w.shape[0]} input channels, not divisible by group {group}"
+    return None
+
+
+PRODUCER = Producer(
+    param_key="convolution_param", weight_axes=tuple(range(3, 33)),
+    output_channels=lambda layer: layer.blobs[0].shape[1] * _param(layer).get("group", 1),
+    multiplier=_multiplier, check=_check,
+    fan_in=lambda layer, shape: math.prod(shape[1:]))
+
+
+def _export(layer: Layer, in_shape) -> dict:
+    w, geo = check_2d(layer)
+    group = int(_param(layer).get("group", 1))
+    cin, cout = w.shape[0], w.shape[1] * group
+    arr = mps.deconv_weights(np.asarray(w), group)
+    if not mps_groups(cin, cout, group):
+        return geometry("convolution_transpose", dense(arr, group, layer.name), geo, 1, group,
+                        cin, cout)
+    return geometry("convolution_transpose", arr, geo, group, None, cin, cout)
+
+
+register("Deconvolution", shape=_shape, producer=PRODUCER, export=_export)

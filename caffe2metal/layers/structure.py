@@ -1,0 +1,137 @@
+"""Layers that route, combine and reshape blobs without weights.
+
+Input, Split, Silence, Eltwise (same shapes in, one out), Concat (along
+``axis``, default 1), Slice (at ``slice_point``s, or in equal parts), Crop (to
+the second bottom from ``axis``, default 2), Flatten, Reshape (0 copies a
+dimension, one -1 is inferred), Permute, Tile, ArgMax.
+"""
+from __future__ import annotations
+
+import math
+
+from .activations import same_shape
+from .registry import axis_index, need, register, shape_rule
+
+
+@shape_rule("Input")
+def _input(layer, ins):
+    shapes = [tuple(s.get("dim", [])) for s in layer.params.get("input_param", {}).get("shape", [])]
+    if not shapes:
+        raise ValueError("Input layer without input_param.shape")
+    if len(shapes) == 1:
+        shapes = shapes * len(layer.tops)
+    return shapes, []
+
+
+@shape_rule("Silence")
+def _silence(layer, ins):
+    return [], []
+
+
+@shape_rule("Eltwise")
+def _eltwise(layer, ins):
+    xs = need(ins)
+    if any(s != xs[0] for s in xs):
+        raise ValueError(f"Eltwise bottoms differ in shape: {[list(s) for s in xs]}")
+    return [xs[0]], []
+
+
+@shape_rule("Concat")
+def _concat(layer, ins):
+    xs = need(ins)
+    p = layer.params.get("concat_param", {})
+    axis = axis_index(p.get("axis", p.get("concat_dim", 1)), len(xs[0]))
+    for s in xs:
+        if len(s) != len(xs[0]) or s[:axis] != xs[0][:axis] or s[axis + 1:] != xs[0][axis + 1:]:
+            raise ValueError(f"Concat bottoms do not match: {[list(s) for s in xs]}")
+    total = sum(s[axis] for s in xs)
+    return [xs[0][:axis] + (total,) + xs[0][axis + 1:]], []
+
+
+@shape_rule("Slice")
+def _slice(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    p = layer.params.get("slice_param", {})
+    axis = axis_index(p.get("axis", p.get("slice_dim", 1)), len(x))
+    points = list(p.get("slice_point", []))
+    ntop = len(layer.tops)
+    if points:
+        if len(points) != ntop - 1:
+            raise ValueError(f"{len(points)} slice points for {ntop} tops")
+        bounds = [0] + points + [x[axis]]
+    else:
+        if x[axis] % ntop:
+            raise ValueError(f"axis size {x[axis]} does not split into {ntop} equal parts")
+        bounds = [x[axis] // ntop * i for i in range(ntop + 1)]
+    return [x[:axis] + (b - a,) + x[axis + 1:] for a, b in zip(bounds, bounds[1:])], []
+
+
+@shape_rule("Flatten")
+def _flatten(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    p = layer.params.get("flatten_param", {})
+    a = axis_index(p.get("axis", 1), len(x))
+    e = axis_index(p.get("end_axis", -1), len(x))
+    return [x[:a] + (math.prod(x[a:e + 1]),) + x[e + 1:]], []
+
+
+@shape_rule("Reshape")
+def _reshape(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    p = layer.params.get("reshape_param", {})
+    dims = list(p.get("shape", {}).get("dim", []))
+    axis = p.get("axis", 0)
+    axis = axis if axis >= 0 else len(x) + 1 + axis
+    num_axes = p.get("num_axes", -1)
+    end = len(x) if num_axes == -1 else axis + num_axes
+    out = []
+    for i, d in enumerate(dims):
+        out.append(x[axis + i] if d == 0 else d)
+    if out.count(-1) > 1:
+        raise ValueError("more than one -1 in reshape_param.shape")
+    shape = list(x[:axis]) + out + list(x[end:])
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape[shape.index(-1)] = math.prod(x) // known
+    if math.prod(shape) != math.prod(x):
+        raise ValueError(f"cannot reshape {list(x)} to {shape}")
+    return [tuple(shape)], []
+
+
+@shape_rule("Permute")
+def _permute(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    order = list(layer.params.get("permute_param", {}).get("order", []))
+    order += [a for a in range(len(x)) if a not in order]
+    if sorted(order) != list(range(len(x))):
+        raise ValueError(f"permute order {order} is not a permutation of {len(x)} axes")
+    return [tuple(x[a] for a in order)], []
+
+
+@shape_rule("Crop")
+def _crop(layer, ins):
+    a, b = need(ins)[:2]
+    axis = axis_index(layer.params.get("crop_param", {}).get("axis", 2), len(a))
+    return [a[:axis] + b[axis:]], []
+
+
+@shape_rule("ArgMax")
+def _argmax(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    p = layer.params.get("argmax_param", {})
+    top_k = p.get("top_k", 1)
+    if "axis" in p:
+        axis = axis_index(p["axis"], len(x))
+        return [x[:axis] + (top_k,) + x[axis + 1:]], []
+    return [(x[0], 2 if p.get("out_max_val", False) else 1, top_k)], []
+
+
+@shape_rule("Tile")
+def _tile(layer, ins):
+    (x,) = need(ins, 1)[:1]
+    p = layer.params.get("tile_param", {})
+    axis = axis_index(p.get("axis", 1), len(x))
+    return [x[:axis] + (x[axis] * p["tiles"],) + x[axis + 1:]], []
+
+
+register("Split", shape=same_shape)

@@ -2,80 +2,18 @@
 
 Input: the folded graph (``fold.apply``) and the plan.  Output: raw weight and
 bias files under ``OUT/metal/``, SSD priors when the net has PriorBox layers,
-and the manifest keys ``layers``, ``metal`` and (SSD only) ``ssd``.  What gets
-exported, and how, in one table (``g`` = groups)::
+and the manifest keys ``layers``, ``metal`` and (SSD only) ``ssd``.
 
-  Caffe layer                           kind                    weights layout
-  ------------------------------------  ----------------------  ---------------------------------
-  Convolution (also fork DepthwiseConv-  convolution             [out][kH][kW][in/g]
-    olution, ConvolutionDepthwise)
-    ... with g == in == out              depthwise_convolution   [C][kH][kW]
-    ... with in/g or out/g not % 4       convolution             [out][kH][kW][in], g -> 1, zeros
-                                                                 off the block diagonal
-  Deconvolution                         convolution_transpose   [out][kH][kW][in/g], kernel flipped
-  InnerProduct                          fully_connected         [out][H][W][C] of its input
-  BatchNorm/Scale chain left unfolded   channel_affine          [C] scale; bias = [C] shift
+Which Caffe layer becomes which MPS kind is each type's ``export`` role in
+``layers`` (convolution, deconvolution, inner_product); the kinds and their
+layouts are ``mps.KINDS``.  An unfoldable BatchNorm/Scale chain becomes one
+``channel_affine``.  Other layers with parameters (Normalize, a PReLU that does
+not follow an exported layer, a Scale that multiplies by a second bottom, ...)
+are listed in ``metal.skipped`` with the reason, never silently dropped.
 
-Bias is float32, one value per output channel (zeros when the layer had none).
-Other layers with parameters (Normalize, a PReLU that does not follow an
-exported layer, a Scale that multiplies by a second bottom, ...) are listed in
-``metal.skipped`` with the reason, never silently dropped.
-
-The layouts come from ``mps.py`` (one converter per layout); this module adds
-the file naming, the MPS group rule, SSD priors and the manifest text.
-
-Manifest format (README section)
---------------------------------
-
-``OUT/manifest.json`` is UTF-8 JSON; ``caffe2metal/export/manifest.schema.json`` is its
-JSON Schema (draft 2020-12).  Top level: ``format`` (``"caffe2metal"``),
-``version`` (``1``), ``source``, ``inputs``, ``merged`` (the merged Caffe files),
-``folds``, ``kept``, ``layers``, ``metal`` and, for SSD nets, ``ssd``.
-
-* Files are raw little-endian numbers in C order with no header: the byte
-  count is exactly ``prod(shape) * itemsize``.  A *file* object is
-  ``{"file", "dtype", "shape", "layout", "sha256"}``; ``file`` is relative to
-  OUT, always ``metal/<name>``, with ``<name>`` made of ``[A-Za-z0-9_.-]``.
-* Names: ``weights_<layer>.dat`` / ``bias_<layer>.dat`` (``--naming apple``,
-  Apple's MetalImageRecognition) or ``<layer>_w.bin`` / ``<layer>_b.bin``
-  (``--naming forge``).  In ``<layer>`` every character outside
-  ``[A-Za-z0-9_.-]`` becomes ``_``, leading dots become ``_``, a Windows device
-  name (``CON``, ``NUL``, ``COM1``...) gets a ``_`` appended.  Two layers whose
-  files would coincide (also ignoring case) are an error, never an overwrite.
-* ``layers`` lists the exported layers in net order.  Each entry: ``name``
-  (Caffe layer), ``type`` (Caffe type), ``kind`` (``convolution``,
-  ``depthwise_convolution``, ``fully_connected``, ``convolution_transpose``,
-  ``channel_affine``), ``weights`` and ``bias`` (file objects), ``folded``
-  (BatchNorm/Scale layers folded into it), ``chain`` (for ``channel_affine``:
-  the layers it composes, else ``[]``), ``kernel``, ``stride``, ``pad``,
-  ``dilation`` (``[h, w]``, Caffe semantics: symmetric pad, floor output size),
-  ``groups`` (as MPS must use it), ``dense_from_groups`` (the Caffe group count
-  when a grouped layer was written dense, else ``null``), ``input_channels``,
-  ``output_channels``, ``input``/``output`` (``{"blob", "shape"}``, Caffe NCHW
-  shapes), ``activation`` (``null`` or the activation that alone reads the
-  output: ``{"layer", "type", ...}`` with ``negative_slope`` for ReLU,
-  ``alpha`` for ELU, ``min``/``max`` for Clip, and for PReLU
-  ``channel_shared`` plus ``slopes``, a float32 file object).
-  ``fully_connected`` has kernel = the input's ``[H, W]``; ``channel_affine``
-  has kernel 1x1; both have stride 1, pad 0, dilation 1, groups 1.
-* MPS group rule: grouped (non-depthwise) convolutions need in/groups and
-  out/groups to be multiples of 4.  A layer that breaks it is written dense
-  (``groups: 1``, ``dense_from_groups: g``); compute is g times larger.
-* ``metal``: ``directory``, ``naming``, ``weights_dtype`` (``float32`` or
-  ``float16``, IEEE half), ``bias_dtype`` (always ``float32``), ``byte_order``
-  and ``skipped`` (``[{"name", "type", "reason"}]``).
-* ``ssd`` (nets with PriorBox): ``priors`` (file object ``metal/priors.dat``,
-  float32, Caffe's concatenated PriorBox output without its batch axis:
-  ``[2][num_priors*4]``, all boxes ``xmin, ymin, xmax, ymax`` normalised to the
-  image, then all variances), ``num_priors``, ``image_size`` ``[H, W]``,
-  ``priorbox_concat``/``loc_concat``/``conf_concat`` (Concat layer names),
-  ``loc_order``/``conf_order`` (the head layers in each Concat's bottom order),
-  ``heads`` in priors order (``priorbox``, ``loc``, ``conf``, ``feature_map``
-  ``[H, W]``, ``priors_per_cell``, ``num_priors``, ``first_prior``), and
-  ``detection_output`` (``null`` or ``layer``, ``num_classes``,
-  ``share_location``, ``background_label_id``, ``nms_threshold``, ``top_k``,
-  ``eta``, ``keep_top_k``, ``confidence_threshold``, ``code_type``,
-  ``variance_encoded_in_target``; Caffe's defaults filled in, ``null`` = unset).
+The manifest format is specified once, in the README ("Output: OUT/manifest.json
+and OUT/metal/"), and machine-readably in ``manifest.schema.json`` beside this
+module.
 """
 from __future__ import annotations
 

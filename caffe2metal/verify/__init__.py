@@ -73,7 +73,7 @@ from .. import fold
 from ..errors import Caffe2MetalError
 from ..graph import Graph, Layer
 from ..net.reader import Model, read_model, read_prototxt
-from .compare import Comparison, compare, render_comparison
+from .compare import Comparison, ComparisonRow, compare, render_comparison
 from .files import _entries, load_manifest, read_array
 from .inputs import make_inputs
 from .layers import _SHA_NOTE, _check_layer, _check_priors, _downstream, recompute
@@ -81,7 +81,7 @@ from .opencv import _forward, _opencv, caffemodel_bytes, opencv_net, opencv_text
 from .reference import caffe_reference
 from .report import END_TO_END_TOLERANCE, TOLERANCE, Report, Row, _measure, render
 
-__all__ = ["END_TO_END_TOLERANCE", "TOLERANCE", "Comparison", "Report", "Row",
+__all__ = ["END_TO_END_TOLERANCE", "TOLERANCE", "Comparison", "ComparisonRow", "Report", "Row",
            "caffe_reference", "caffemodel_bytes", "compare", "load_manifest", "make_inputs",
            "opencv_net", "opencv_text", "read_array", "recompute", "render",
            "render_comparison", "verify"]

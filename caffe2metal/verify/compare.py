@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -17,10 +17,20 @@ from ..errors import Caffe2MetalError
 from .files import _NP_DTYPES
 
 
+class ComparisonRow(NamedTuple):
+    """One file present in both directories (a tuple, so r[5] still reads max_diff)."""
+    file: str
+    dtype_a: str
+    dtype_b: str
+    count: int | None            # value count; None when the files cannot be compared
+    max_a: float | None          # max |A|
+    max_diff: float | None       # max |A - B|
+    note: str
+
+
 @dataclass
 class Comparison:
-    # (file, dtype A, dtype B, value count, max |A|, max |A - B|, note)
-    rows: list[tuple] = field(default_factory=list)
+    rows: list[ComparisonRow] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
 
@@ -79,28 +89,29 @@ def compare(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> Comparison:
         da, db = dtypes_a.get(name, "float32"), dtypes_b.get(name, "float32")
         a, b = _values(files_a[name], da), _values(files_b[name], db)
         if isinstance(a, str) or isinstance(b, str):
-            result.rows.append((name, da, db, None, None, None, a if isinstance(a, str) else b))
+            result.rows.append(ComparisonRow(name, da, db, None, None, None,
+                                             a if isinstance(a, str) else b))
         elif a.size != b.size:
-            result.rows.append((name, da, db, None, None, None,
-                                f"{a.size} values vs {b.size}"))
+            result.rows.append(ComparisonRow(name, da, db, None, None, None,
+                                             f"{a.size} values vs {b.size}"))
         else:
             delta = float(np.abs(a - b).max()) if a.size else 0.0
             peak = float(np.abs(a).max()) if a.size else 0.0
-            result.rows.append((name, da, db, a.size, peak, delta, ""))
+            result.rows.append(ComparisonRow(name, da, db, a.size, peak, delta, ""))
     return result
 
 
 def render_comparison(c: Comparison, dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> str:
     head = ("file", "dtype A", "dtype B", "values", "max |A|", "max |A-B|")
-    body = [(r[0], r[1], r[2], "-" if r[3] is None else str(r[3]),
-             "-" if r[4] is None else f"{r[4]:.4g}", "-" if r[5] is None else f"{r[5]:.3g}",
-             r[6]) for r in c.rows]
+    body = [(r.file, r.dtype_a, r.dtype_b, "-" if r.count is None else str(r.count),
+             "-" if r.max_a is None else f"{r.max_a:.4g}",
+             "-" if r.max_diff is None else f"{r.max_diff:.3g}", r.note) for r in c.rows]
     widths = [max([len(head[i])] + [len(v[i]) for v in body]) for i in range(6)]
     lines = [f"A = {dir_a}", f"B = {dir_b}", ""]
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
     for v in body:
         lines.append("  ".join([v[i].ljust(widths[i]) for i in range(6)] + [v[6]]).rstrip())
-    deltas = [r[5] for r in c.rows if r[5] is not None]
+    deltas = [r.max_diff for r in c.rows if r.max_diff is not None]
     lines.append("")
     lines.append(f"{len(c.rows)} file(s) in both; largest max |A-B| "
                  f"{max(deltas):.3g}" if deltas else f"{len(c.rows)} file(s) in both")

@@ -12,11 +12,14 @@ leaves them in real snapshots.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import Caffe2MetalError
+from ..graph import Layer
 from ..net.reader import Model
 from ..verify.opencv import caffemodel_bytes, opencv_net, opencv_text
 
@@ -126,14 +129,72 @@ def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str,
              for b, s in shapes.items()} for _ in range(count)]
 
 
-def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2000.0),
+class BatchStatsNorm:
+    """calibrate's stand-in for Caffe's BatchNorm in OpenCV: it normalises its input with
+    that input's own statistics (as training does) and records them.
+
+    OpenCV constructs a registered layer from (params, blobs), so calibrate
+    registers ``functools.partial(BatchStatsNorm, bns=..., seen=...)``: the
+    BatchNorm layers (for eps) and the dict each records its (mean, var) into,
+    under its index, which it reads from the marker (index + 1) calibrate puts
+    into its scale-factor blob.
+    """
+    def __init__(self, params: dict, blobs: list[np.ndarray], *, bns: Sequence[Layer],
+                 seen: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.index = int(round(float(np.asarray(blobs[2]).reshape(-1)[0]))) - 1
+        self.eps = 1e-5
+        self.bns = bns
+        self.seen = seen
+
+    def getMemoryShapes(self, inputs: list[list[int]]) -> list[list[int]]:
+        return [inputs[0]]
+
+    def forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        x = np.asarray(inputs[0], np.float64)
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        mean = x.mean(axis=axes)
+        # Deep features of a random net are almost the same for every input: a
+        # per-channel offset far larger than its spread, which a BatchNorm fitted
+        # to that spread amplifies (with every float32 rounding in it; measured on
+        # MobileNetV2-SSDLite, whose backbone has no BatchNorm: 6e-3 between two
+        # float32 runs).  Trained features vary across images by a fair part of
+        # their mean: count 10% of it as spread.
+        var = x.var(axis=axes) + 0.1 * mean ** 2 + 1e-3
+        self.seen[self.index] = (mean, var)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        eps = float(self.bns[self.index].params.get("batch_norm_param", {}).get("eps", 1e-5))
+        return [((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)).astype(np.float32)]
+
+
+class ChannelScale:
+    """Caffe's Scale (axis 1) in numpy: OpenCV's own Scale rejects some 2-D inputs
+    coming from a Python layer."""
+    def __init__(self, params: dict, blobs: list[np.ndarray]) -> None:
+        self.blobs = [np.asarray(b, np.float64).reshape(-1) for b in blobs]
+
+    def getMemoryShapes(self, inputs: list[list[int]]) -> list[list[int]]:
+        return [inputs[0]]
+
+    def forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        x = np.asarray(inputs[0], np.float64)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        blobs = list(self.blobs)
+        gamma = np.asarray(inputs[1], np.float64).reshape(x.shape[:2] + (1,) * (x.ndim - 2)) \
+            if len(inputs) > 1 else blobs.pop(0).reshape(shape)
+        y = x * gamma + (blobs[0].reshape(shape) if blobs else 0.0)
+        return [y.astype(np.float32)]
+
+
+def calibrate(model: Model, seed: int = 0, batch: int = 4,
+              scale_range: tuple[float, float] = (100.0, 2000.0),
               drop: tuple[str, ...] = ()) -> None:
     """Set every BatchNorm's statistics from the activations it sees in OpenCV.
 
-    One forward pass: a Python layer registered for "BatchNorm" normalises its
-    input with that input's own statistics (as training does) and records them,
-    so every BatchNorm sees what it would see once all earlier ones are set.
-    The layer finds its own entry through a marker in its scale-factor blob.
+    One forward pass: a Python layer (``BatchStatsNorm``) registered for
+    "BatchNorm" normalises its input with that input's own statistics (as
+    training does) and records them, so every BatchNorm sees what it would see
+    once all earlier ones are set.  The layer finds its own entry through a
+    marker in its scale-factor blob.
     Layers of the types in ``drop`` are left out of that pass (see ``opencv_text``).
     """
     import cv2
@@ -144,53 +205,13 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4, scale_range=(100.0, 2
     rng = np.random.default_rng(seed)
     for i, bn in enumerate(bns):
         bn.blobs[2] = np.array([i + 1], np.float32)
-    seen: dict[int, tuple] = {}
-
-    class BatchStatsNorm:
-        def __init__(self, params, blobs):
-            self.index = int(round(float(np.asarray(blobs[2]).reshape(-1)[0]))) - 1
-            self.eps = 1e-5
-
-        def getMemoryShapes(self, inputs):
-            return [inputs[0]]
-
-        def forward(self, inputs):
-            x = np.asarray(inputs[0], np.float64)
-            axes = tuple(a for a in range(x.ndim) if a != 1)
-            mean = x.mean(axis=axes)
-            # Deep features of a random net are almost the same for every input: a
-            # per-channel offset far larger than its spread, which a BatchNorm fitted
-            # to that spread amplifies (with every float32 rounding in it; measured on
-            # MobileNetV2-SSDLite, whose backbone has no BatchNorm: 6e-3 between two
-            # float32 runs).  Trained features vary across images by a fair part of
-            # their mean: count 10% of it as spread.
-            var = x.var(axis=axes) + 0.1 * mean ** 2 + 1e-3
-            seen[self.index] = (mean, var)
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            eps = float(bns[self.index].params.get("batch_norm_param", {}).get("eps", 1e-5))
-            return [((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)).astype(np.float32)]
-
-    class ChannelScale:
-        """Caffe's Scale (axis 1) in numpy: OpenCV's own Scale rejects some 2-D inputs
-        coming from a Python layer."""
-        def __init__(self, params, blobs):
-            self.blobs = [np.asarray(b, np.float64).reshape(-1) for b in blobs]
-
-        def getMemoryShapes(self, inputs):
-            return [inputs[0]]
-
-        def forward(self, inputs):
-            x = np.asarray(inputs[0], np.float64)
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            blobs = list(self.blobs)
-            gamma = np.asarray(inputs[1], np.float64).reshape(x.shape[:2] + (1,) * (x.ndim - 2)) \
-                if len(inputs) > 1 else blobs.pop(0).reshape(shape)
-            y = x * gamma + (blobs[0].reshape(shape) if blobs else 0.0)
-            return [y.astype(np.float32)]
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     samples = random_inputs(model, seed + 1, batch)
     feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
-    cv2.dnn_registerLayer("BatchNorm", BatchStatsNorm)
+    # OpenCV keeps no reference of its own to what it is given: hold this one until the end
+    batch_stats_norm = functools.partial(BatchStatsNorm, bns=bns, seen=seen)
+    cv2.dnn_registerLayer("BatchNorm", batch_stats_norm)
     cv2.dnn_registerLayer("Scale", ChannelScale)
     try:
         net = opencv_net(opencv_text(model, drop), caffemodel_bytes(model))

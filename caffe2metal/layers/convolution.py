@@ -161,6 +161,39 @@ def _export(layer: Layer, in_shape) -> dict:
     return geometry("convolution", arr, geo, group, None, cin, cout)
 
 
+# ---------------------------------------------------------------- Caffe reference
+
+def correlate(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int,
+                kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+                dilation: tuple[int, int]) -> np.ndarray:
+    """Caffe Convolution on x [C][H][W] with W [out][C/g][kH][kW] -> [out][H'][W']."""
+    c, h, wd = x.shape
+    out, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw))).reshape(group, cg, h + 2 * ph, wd + 2 * pw)
+    wg = w.reshape(group, out // group, cg, kh, kw)
+    y = np.zeros((group, out // group, ho, wo))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
+                       j * dw:j * dw + sw * (wo - 1) + 1:sw]
+            y += np.einsum("gchw,goc->gohw", patch, wg[:, :, :, i, j])
+    y = y.reshape(out, ho, wo)
+    return y if bias is None else y + bias[:, None, None]
+
+
+
+def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Caffe's Convolution on one item x [C][H][W] (float64), from the layer's blobs."""
+    p = _param(layer)
+    group = x.shape[0] if layer.type in GROUP_IS_CHANNELS else int(p.get("group", 1))
+    w = np.asarray(layer.blobs[0], np.float64)
+    bias = np.asarray(layer.blobs[1], np.float64).reshape(-1) if len(layer.blobs) > 1 else None
+    return correlate(x, w, bias, group, **conv_geometry(p, 2))
+
+
 for _type in TYPES:
-    register(_type, shape=_shape, producer=PRODUCER, export=_export,
+    register(_type, shape=_shape, producer=PRODUCER, export=_export, reference=_reference,
              opencv_type=OPENCV_NAMES.get(_type))

@@ -72,4 +72,33 @@ def _export(layer: Layer, in_shape) -> dict:
     return geometry("convolution_transpose", arr, geo, group, None, cin, cout)
 
 
-register("Deconvolution", shape=_shape, producer=PRODUCER, export=_export)
+# ---------------------------------------------------------------- Caffe reference
+
+def scatter(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int,
+                  kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+                  dilation: tuple[int, int]) -> np.ndarray:
+    """Caffe Deconvolution on x [C][H][W] with W [C][out/g][kH][kW]: scatter-add, then crop pad."""
+    c, h, wd = x.shape
+    _, og, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    full_h, full_w = sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1
+    xg = x.reshape(group, c // group, h, wd)
+    wg = w.reshape(group, c // group, og, kh, kw)
+    y = np.zeros((group, og, full_h, full_w))
+    for i in range(kh):
+        for j in range(kw):
+            y[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (wd - 1) + 1:sw] += \
+                np.einsum("gchw,gco->gohw", xg, wg[:, :, :, i, j])
+    y = y.reshape(group * og, full_h, full_w)[:, ph:full_h - ph, pw:full_w - pw]
+    return y if bias is None else y + bias[:, None, None]
+
+
+def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Caffe's Deconvolution on one item x [C][H][W] (float64), from the layer's blobs."""
+    p = _param(layer)
+    w = np.asarray(layer.blobs[0], np.float64)
+    bias = np.asarray(layer.blobs[1], np.float64).reshape(-1) if len(layer.blobs) > 1 else None
+    return scatter(x, w, bias, int(p.get("group", 1)), **conv_geometry(p, 2))
+
+
+register("Deconvolution", shape=_shape, producer=PRODUCER, export=_export, reference=_reference)

@@ -96,4 +96,15 @@ def _export(layer: Layer, in_shape) -> dict:
                 input_channels=chw[0], output_channels=arr.shape[0])
 
 
-register("InnerProduct", shape=_shape, producer=PRODUCER, export=_export)
+def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Caffe's InnerProduct on one item (float64): W @ x flattened, plus the bias."""
+    w = np.asarray(layer.blobs[0], np.float64)
+    w = w.reshape(w.shape[-2], w.shape[-1])
+    w = w.T if _param(layer).get("transpose", False) else w
+    y = w @ x.reshape(-1)
+    if len(layer.blobs) > 1:
+        y = y + np.asarray(layer.blobs[1], np.float64).reshape(-1)
+    return y
+
+
+register("InnerProduct", shape=_shape, producer=PRODUCER, export=_export, reference=_reference)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from ..errors import GraphError
 from ..graph import Graph
 from ..layers import Unknown, registry
-from ..layers.convolution import conv_geometry  # noqa: F401  (verify still imports it from here)
 
 Shape = tuple
 

@@ -35,22 +35,11 @@ def recompute(entry: dict, x: np.ndarray, out: Path) -> tuple[np.ndarray, bool]:
     """One manifest layer on the NCHW activation ``x``, from its files: [H][W][C] and sha ok."""
     w, w_ok = read_array(out, entry["weights"], entry["name"])
     b, b_ok = read_array(out, entry["bias"], entry["name"])
-    xh = _hwc(x)
-    geo = dict(stride=tuple(entry["stride"]), pad=tuple(entry["pad"]),
-               dilation=tuple(entry["dilation"]))
-    kind = entry["kind"]
-    if kind == "convolution":
-        y = mps.conv2d_nhwc(xh, w, b, groups=entry["groups"], **geo)
-    elif kind == "depthwise_convolution":
-        y = mps.depthwise_nhwc(xh, w, b, **geo)
-    elif kind == "convolution_transpose":
-        y = mps.conv_transpose_nhwc(xh, w, b, groups=entry["groups"], **geo)
-    elif kind == "fully_connected":
-        y = mps.fully_connected_nhwc(xh, w, b).reshape(1, 1, -1)
-    elif kind == "channel_affine":
-        y = mps.channel_affine_nhwc(xh, w, b)
-    else:
-        raise Caffe2MetalError(f"unknown layer kind {kind!r} in the manifest", layer=entry["name"])
+    kind = mps.KINDS.get(entry["kind"]) if isinstance(entry["kind"], str) else None
+    if kind is None:
+        raise Caffe2MetalError(f"unknown layer kind {entry['kind']!r} in the manifest",
+                               layer=entry["name"])
+    y = kind.run(entry, _hwc(x), w, b)
     return y, w_ok and b_ok
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import Caffe2MetalError
 from ..graph import Layer
+from ..layers import registry
 from ..net.reader import Model
 from ..verify.opencv import caffemodel_bytes, opencv_net, opencv_text
 
@@ -40,10 +41,9 @@ def init_weights(model: Model, seed: int = 0) -> None:
         for i, shape in enumerate(shapes):
             shape = tuple(shape)
             t = layer.type
-            if t in ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise",
-                     "Deconvolution", "InnerProduct") and i == 0:
-                fan_in = math.prod(shape[1:]) if t != "InnerProduct" or len(shape) < 2 else \
-                    (shape[0] if layer.params.get("inner_product_param", {}).get("transpose") else shape[1])
+            producer = registry.producer(t)
+            if producer is not None and i == 0:
+                fan_in = producer.fan_in(layer, shape)
                 b = rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), shape)
                 if len(shape) == 4 and shape[2] * shape[3] > 1:
                     b = _smooth_kernels(rng, shape, fan_in)

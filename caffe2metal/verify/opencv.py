@@ -17,6 +17,7 @@ from ..errors import Caffe2MetalError
 from ..export.caffe import merged_layers, merged_prototxt
 from ..fold import Plan
 from ..graph import Graph
+from ..layers import registry
 from ..net.reader import Model
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ def caffemodel_bytes(model: Model) -> bytes:
     buf = io.BytesIO()
     write_caffemodel(buf, merged_layers(model.graph), net_name=model.graph.name)
     return buf.getvalue()
-
-
-# fork layer types OpenCV knows under another name, with the same blobs and math
-_OPENCV_TYPE_NAMES = {"DepthwiseConvolution": "Convolution"}
 
 
 def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
@@ -47,9 +44,9 @@ def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
             value = textproto.unquote(t.value or "")
             if value in drop:
                 edits.append(cut_span(text, block) + ("",))
-            elif value in _OPENCV_TYPE_NAMES:
+            elif registry.opencv_type(value) != value:   # a fork name, same blobs and math
                 edits.append((t.value_start, t.value_start + len(t.value),
-                              f'"{_OPENCV_TYPE_NAMES[value]}"'))
+                              f'"{registry.opencv_type(value)}"'))
     for start, end, new in sorted(edits, reverse=True):
         text = text[:start] + new + text[end:]
     return text
@@ -86,8 +83,9 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net,
     """(id(layer), top index) -> (OpenCV layer name, output index).
 
     OpenCV's Caffe importer names a layer as the file does, with ``_1``,
-    ``_2``, ... appended to repeated names, except ``Convolution``: one OpenCV
-    layer per top, named after that top (blob) name.
+    ``_2``, ... appended to repeated names, except ``Convolution`` (and the fork
+    types given to it as ``Convolution``): one OpenCV layer per top, named after
+    that top (blob) name.
     """
     seen: dict[str, int] = {}
     pins = {}
@@ -95,7 +93,7 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net,
         k = seen.get(layer.name, 0)
         seen[layer.name] = k + 1
         for i, top in enumerate(layer.tops):
-            if layer.type == "Convolution":
+            if registry.opencv_type(layer.type) == "Convolution":
                 pins[(id(layer), i)] = (graph.blob_names.get(top, top), 0)
             else:
                 pins[(id(layer), i)] = (layer.name if k == 0 else f"{layer.name}_{k}", i)

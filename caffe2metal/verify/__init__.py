@@ -7,7 +7,7 @@ verify, layer by layer
     For every entry of ``manifest.json``'s ``layers`` the weights and bias are
     read back from OUT (dtype, shape from the manifest; size and sha256
     checked) and the layer is recomputed with the numpy model of MPS
-    (``mps.py``, NHWC, float64 accumulation) on the original layer's input
+    (``caffe2metal.mps``, NHWC, float64 accumulation) on the original layer's input
     activation.  That activation is the output of the layer that wrote the
     bottom's value: the graph's unique blob names say which layer that is, so
     in-place chains (conv -> BatchNorm -> Scale -> ReLU on one blob) are read
@@ -63,8 +63,8 @@ compare
 """
 from __future__ import annotations
 
-from collections.abc import Collection
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,7 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     concat = graph.layer(ssd["priorbox_concat"]) if ssd.get("priorbox_concat") else None
     if concat is not None:
         needed.add(concat.tops[0])
-    # a DetectionOutput the export found not to be SSD's (see metal._check_prior_counts)
+    # a DetectionOutput the export found not to be SSD's (see export.ssd._check_prior_counts)
     # cannot run in OpenCV either: check everything up to it
     drop = tuple({s["type"] for s in manifest.get("metal", {}).get("skipped", [])
                   if s["type"] == "DetectionOutput"})

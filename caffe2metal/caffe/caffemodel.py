@@ -43,17 +43,22 @@ that streams what it computes from them (``fold.FoldedWeights`` into
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
-from typing import BinaryIO, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 from ..errors import Caffe2MetalError, ExportError, ModelFormatError
 from .records import PROTO_BYTES_LIMIT, CaffeModel, ModelLayer
 from .v1 import V1_LAYER_TYPES
-from .wire_reader import MAX_BLOB_AXES, _Parser
-from .wire_writer import (_FRAME_BUFFER, _SMALL_BLOB, _WRITE_CHUNK, WriteBehind,
-                          _varint_bytes, write_stream)
+from .wire_reader import MAX_BLOB_AXES as MAX_BLOB_AXES
+from .wire_reader import ByteSource, _Parser
+from .wire_writer import _FRAME_BUFFER as _FRAME_BUFFER
+from .wire_writer import _SMALL_BLOB as _SMALL_BLOB
+from .wire_writer import _WRITE_CHUNK, WriteBehind, write_stream
+from .wire_writer import _varint_bytes as _varint_bytes
 
 __all__ = [
     "ModelLayer",
@@ -68,7 +73,7 @@ __all__ = [
 # _WRITE_CHUNK (write_caffemodel passes this module's value on, so patching it here works).
 
 
-def parse_caffemodel(data: bytes | bytearray | memoryview | mmap.mmap, *,
+def parse_caffemodel(data: ByteSource, *,
                      file: str = "<memory>") -> CaffeModel:
     """Parse a caffemodel held in any bytes-like object (bytes, mmap, ...).
 
@@ -90,6 +95,7 @@ def read_caffemodel(path: str | os.PathLike, *, allow_empty: bool = False) -> Ca
     parameter blobs is saved as; Caffe accepts it too).
     """
     path = os.fspath(path)
+    buf: ByteSource
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -178,7 +184,5 @@ def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

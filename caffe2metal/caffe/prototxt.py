@@ -150,7 +150,8 @@ def _unknown_by_block(unknown: list[tuple[str, textproto.Field]],
         if idx is None:
             net_unknown.append(dotted)
         else:
-            per_block.setdefault(idx, []).append(dotted.split(".", 1)[1] if "." in dotted else dotted)
+            relative = dotted.split(".", 1)[1] if "." in dotted else dotted
+            per_block.setdefault(idx, []).append(relative)
     return per_block, net_unknown
 
 
@@ -161,7 +162,7 @@ def declared_inputs(net: caffe_pb2.NetParameter, path: str) -> list[tuple[str, t
         if len(net.input_shape) != len(names):
             raise ModelFormatError(f"{len(names)} inputs but {len(net.input_shape)} input_shape "
                                    "entries", file=path)
-        return [(n, tuple(s.dim)) for n, s in zip(names, net.input_shape)]
+        return [(n, tuple(s.dim)) for n, s in zip(names, net.input_shape, strict=False)]
     if net.input_dim:
         if len(net.input_dim) != 4 * len(names):
             raise ModelFormatError(f"{len(names)} inputs need {4 * len(names)} input_dim values, "

@@ -11,8 +11,8 @@ one wins); :meth:`CaffeModel.duplicate_names` lists the names concerned.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NoReturn
 
 from google.protobuf.descriptor import FieldDescriptor as FD
 
@@ -34,7 +35,8 @@ _STRINGS = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'')
 _TRUE, _FALSE = ("true", "t", "1", "True"), ("false", "f", "0", "False")
 
 
-def fill(doc: Document, fields: list[Field], message, skip: set[int] = frozenset()) -> None:
+def fill(doc: Document, fields: list[Field], message,
+         skip: set[int] | frozenset[int] = frozenset()) -> None:
     """Set every field of ``fields`` on ``message``; fields whose id() is in ``skip``
     (the ones our schema does not know) are left out."""
     descriptor = message.DESCRIPTOR
@@ -95,53 +97,74 @@ def _scalar_tokens(doc: Document, f: Field):
     return [(tok, start)]
 
 
-def _scalar(doc, fd, tok: str, at: int):
+def _scalar(doc: Document, fd: FD, tok: str, at: int) -> object:
+    """The value of one scalar token for field ``fd``, by text_format's rules."""
     t = fd.cpp_type
     if t == FD.CPPTYPE_STRING:
-        if tok[:1] not in "\"'":
-            _fail(doc, at, f"expected a string for field \"{fd.name}\", found {tok}")
-        value = "".join(unquote(s) for s in _STRINGS.findall(tok))
-        return value.encode("latin-1") if fd.type == FD.TYPE_BYTES else value
+        return _string(doc, fd, tok, at)
     if tok[:1] in "\"'":
         _fail(doc, at, f"field \"{fd.name}\" does not take a string")
     if t in _INT_RANGE:
-        try:
-            v = int(tok, 0) if not re.fullmatch(r"-?0\d+", tok) else int(tok, 8)
-        except ValueError:
-            _fail(doc, at, f"expected an integer for field \"{fd.name}\", found {tok}")
-        lo, hi = _INT_RANGE[t]
-        if not lo <= v <= hi:
-            _fail(doc, at, f"integer {tok} is out of range for field \"{fd.name}\"")
-        return v
+        return _integer(doc, fd, tok, at)
     if t in (FD.CPPTYPE_FLOAT, FD.CPPTYPE_DOUBLE):
-        low = tok.lower().lstrip("+-")
-        if low in ("inf", "infinity", "inff", "infinityf"):
-            return -math.inf if tok.startswith("-") else math.inf
-        if low in ("nan", "nanf"):
-            return math.nan
-        if not _FLOAT.match(tok) or re.fullmatch(r"[-+]?0\d+", tok):   # 010: octal, not a float
-            _fail(doc, at, f"expected a number for field \"{fd.name}\", found {tok}")
-        return float(tok.rstrip("fF"))
+        return _float(doc, fd, tok, at)
     if t == FD.CPPTYPE_BOOL:
-        if tok in _TRUE:
-            return True
-        if tok in _FALSE:
-            return False
-        _fail(doc, at, f"expected true or false for field \"{fd.name}\", found {tok}")
+        return _bool(doc, fd, tok, at)
     if t == FD.CPPTYPE_ENUM:
-        value = fd.enum_type.values_by_name.get(tok)
-        if value is not None:
-            return value.number
-        try:
-            number = int(tok, 0)
-        except ValueError:
-            number = None
-        if number is not None and number in fd.enum_type.values_by_number:
-            return number
-        _fail(doc, at, f"enum type \"{fd.enum_type.full_name}\" has no value named {tok}")
+        return _enum(doc, fd, tok, at)
     _fail(doc, at, f"field \"{fd.name}\" has a type this reader does not handle")
 
 
-def _fail(doc: Document, offset: int, message: str):
+def _string(doc: Document, fd: FD, tok: str, at: int) -> str | bytes:
+    if tok[:1] not in "\"'":
+        _fail(doc, at, f"expected a string for field \"{fd.name}\", found {tok}")
+    value = "".join(unquote(s) for s in _STRINGS.findall(tok))
+    return value.encode("latin-1") if fd.type == FD.TYPE_BYTES else value
+
+
+def _integer(doc: Document, fd: FD, tok: str, at: int) -> int:
+    try:
+        v = int(tok, 0) if not re.fullmatch(r"-?0\d+", tok) else int(tok, 8)
+    except ValueError:
+        _fail(doc, at, f"expected an integer for field \"{fd.name}\", found {tok}")
+    lo, hi = _INT_RANGE[fd.cpp_type]
+    if not lo <= v <= hi:
+        _fail(doc, at, f"integer {tok} is out of range for field \"{fd.name}\"")
+    return v
+
+
+def _float(doc: Document, fd: FD, tok: str, at: int) -> float:
+    low = tok.lower().lstrip("+-")
+    if low in ("inf", "infinity", "inff", "infinityf"):
+        return -math.inf if tok.startswith("-") else math.inf
+    if low in ("nan", "nanf"):
+        return math.nan
+    if not _FLOAT.match(tok) or re.fullmatch(r"[-+]?0\d+", tok):   # 010: octal, not a float
+        _fail(doc, at, f"expected a number for field \"{fd.name}\", found {tok}")
+    return float(tok.rstrip("fF"))
+
+
+def _bool(doc: Document, fd: FD, tok: str, at: int) -> bool:
+    if tok in _TRUE:
+        return True
+    if tok in _FALSE:
+        return False
+    _fail(doc, at, f"expected true or false for field \"{fd.name}\", found {tok}")
+
+
+def _enum(doc: Document, fd: FD, tok: str, at: int) -> int:
+    value = fd.enum_type.values_by_name.get(tok)
+    if value is not None:
+        return value.number
+    try:
+        number = int(tok, 0)
+    except ValueError:
+        number = None
+    if number is not None and number in fd.enum_type.values_by_number:
+        return number
+    _fail(doc, at, f"enum type \"{fd.enum_type.full_name}\" has no value named {tok}")
+
+
+def _fail(doc: Document, offset: int, message: str) -> NoReturn:
     line, col = doc.position(offset)
     raise ModelFormatError(f"{line}:{col}: {message}", file=doc.path or None)

@@ -42,12 +42,12 @@ class Field:
     name: str
     start: int                      # offset of the field name
     end: int                        # offset just past the value (or closing brace)
-    children: list["Field"] | None = None   # for message values (concatenated for lists)
+    children: list[Field] | None = None   # for message values (concatenated for lists)
     value: str | None = None        # raw text of a scalar value (first one for lists)
     value_start: int = -1
     is_list: bool = False           # written as ``name: [v, v, ...]``
 
-    def get(self, name: str) -> list["Field"]:
+    def get(self, name: str) -> list[Field]:
         return [f for f in self.children or () if f.name == name]
 
 
@@ -107,7 +107,7 @@ class _Parser:
     def message(self, close: str | None) -> list[Field]:
         """The fields up to ``close`` (consumed), or to the end of the file if None."""
         toks = self.toks
-        fields = []
+        fields: list[Field] = []
         while True:
             if self.i >= len(toks):
                 if close is None:

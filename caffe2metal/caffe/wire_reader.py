@@ -54,7 +54,9 @@ Safety rules (reader)
 from __future__ import annotations
 
 import math
+import mmap
 import re
+from typing import NoReturn
 
 import numpy as np
 
@@ -63,6 +65,9 @@ from .records import CaffeModel, ModelLayer
 from .v1 import V1_LAYER_TYPES
 
 MAX_BLOB_AXES = 32                  # Caffe's kMaxBlobAxes
+
+# what the parser reads from: any buffer of bytes (the arrays are views of it)
+ByteSource = bytes | bytearray | memoryview | mmap.mmap
 
 _MASK64 = (1 << 64) - 1
 _WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "start-group",
@@ -98,7 +103,7 @@ def _signed64(v: int) -> int:
 
 
 class _Parser:
-    def __init__(self, buf, file: str, allow_empty: bool = False):
+    def __init__(self, buf: ByteSource, file: str, allow_empty: bool = False):
         self.allow_empty = allow_empty
         self.buf = buf                         # arrays are views of this object
         self.mv = memoryview(buf)
@@ -108,15 +113,15 @@ class _Parser:
         self.file = file
         self.layer: str | None = None
         self.blob: int | None = None
-        self._u8 = None
+        self._u8: np.ndarray | None = None
 
     # -- errors ------------------------------------------------------------
-    def fail(self, message: str, at: int | None = None):
+    def fail(self, message: str, at: int | None = None) -> NoReturn:
         if at is not None:
             message = f"{message} (at byte {at})"
         raise ModelFormatError(message, file=self.file, layer=self.layer, blob=self.blob)
 
-    def _past_end(self, what: str, at: int, need: int, end: int, msg: str):
+    def _past_end(self, what: str, at: int, need: int, end: int, msg: str) -> NoReturn:
         if end >= self.size:
             self.fail(f"file is truncated: {what} needs {need} bytes but the file "
                       f"ends at byte {self.size}", at)
@@ -124,7 +129,7 @@ class _Parser:
                   f"{msg} at byte {end}", at)
 
     # -- wire primitives ---------------------------------------------------
-    def varint(self, pos: int, end: int, msg: str):
+    def varint(self, pos: int, end: int, msg: str) -> tuple[int, int]:
         mv = self.mv
         if pos < end:
             b = mv[pos]
@@ -148,7 +153,7 @@ class _Parser:
             if shift >= 70:
                 self.fail(f"varint longer than 10 bytes in {msg}", start)
 
-    def next_field(self, pos: int, end: int, msg: str):
+    def next_field(self, pos: int, end: int, msg: str) -> tuple[int, int, int, int, int]:
         """Decode one field: (number, wire type, a, b, next pos).
 
         varint: a = value; 64/32-bit: a = offset of the value;
@@ -178,7 +183,7 @@ class _Parser:
         self.fail(f"invalid wire type {wt} for field {number} of {msg}", at)
 
     def expect(self, number: int, wt: int, want: int, msg: str, fname: str, at: int,
-               hint: str = ""):
+               hint: str = "") -> None:
         if wt != want:
             self.fail(f"field {number} ({fname}) of {msg} has wire type "
                       f"{_WIRE_NAMES[wt]}, expected {_WIRE_NAMES[want]}{hint}", at)
@@ -323,6 +328,11 @@ class _Parser:
                 else:
                     self.expect(number, wt, 5 if number == 5 else 1, msg, fname, at)
                     chunks.append(np.frombuffer(buf, dtype, 1, a))
+        return self.blob_array(legacy, dims, f32, f64)
+
+    def blob_array(self, legacy: list[int | None], dims: list[int] | None,
+                   f32: list[np.ndarray], f64: list[np.ndarray]) -> np.ndarray:
+        """The blob's values in its shape (Blob::FromProto), checked against it."""
         if f32 and f64:
             self.fail("blob has both data (float) and double_data; expected one of them")
         if any(v is not None for v in legacy):

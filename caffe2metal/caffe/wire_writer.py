@@ -23,7 +23,8 @@ frame buffer (:meth:`~_StreamWriter.emit`, :meth:`~_StreamWriter.flush`).
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Callable, Iterable, NamedTuple, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def _bytes(array) -> memoryview:
 
 class _BlobFrame(NamedTuple):
     """One blob of a layer, sized: its data and the framing around it."""
-    data: object            # float32 1-D np.ndarray, or a lazy blob with row_blocks()
+    data: Any               # float32 1-D np.ndarray, or a lazy blob with row_blocks()
     nbytes: int
     shape_msg: bytes        # the BlobShape payload (b"" for a scalar)
     size: int               # the BlobProto payload size
@@ -136,7 +137,7 @@ class _StreamWriter:
             self.emit(bytes(self.out) if self.io is not None else self.out)
             self.out.clear()
 
-    def frame_layer(self, index: int, layer: object) -> _LayerFrame:
+    def frame_layer(self, index: int, layer: Any) -> _LayerFrame:
         """The layer's fields checked and its messages sized (no bytes written)."""
         label = self.label
         try:
@@ -161,7 +162,7 @@ class _StreamWriter:
             size += 1 + _varint_len(blob_size) + blob_size
         return _LayerFrame(name, head, frames, size)
 
-    def write_layer(self, index: int, layer: object) -> None:
+    def write_layer(self, index: int, layer: Any) -> None:
         # a method, so that this layer's arrays are unreferenced once it returns
         # (while the caller's generator builds the next layer)
         frame = self.frame_layer(index, layer)
@@ -181,7 +182,7 @@ class _StreamWriter:
             if len(out) >= _FRAME_BUFFER:
                 self.flush()
 
-    def write_data(self, data: object, nbytes: int) -> None:
+    def write_data(self, data: Any, nbytes: int) -> None:
         """A blob's float32 bytes, after its framing (already in the buffer)."""
         if not isinstance(data, np.ndarray):   # lazy: computed a block at a time
             self.flush()

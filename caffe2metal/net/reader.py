@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import shapes as shape_rules
-from .weights import attach_weights
 from ..caffe import prototxt, textproto
 from ..caffe.proto import caffe_pb2
 from ..errors import GraphError, ModelFormatError
 from ..graph import Graph, Layer
+from . import shapes as shape_rules
+from .weights import attach_weights
 
 __all__ = ["Model", "read_model", "read_prototxt", "attach_weights"]
 

@@ -52,7 +52,7 @@ def attach_weights(model: Model, caffemodel: str | os.PathLike) -> None:
             raise GraphError(f"expects {len(want)} parameter blob(s) but the caffemodel has "
                              f"{len(blobs)}", file=path, layer=layer.name)
         fixed = []
-        for i, (blob, shape) in enumerate(zip(blobs, want)):
+        for i, (blob, shape) in enumerate(zip(blobs, want, strict=False)):
             shape = tuple(shape)
             if blob.shape != shape:
                 # legacy 4-D blobs (num, channels, height, width) hold the same values

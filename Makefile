@@ -1,10 +1,12 @@
-# caffe2metal: `make convert [MODEL=deploy.prototxt WEIGHTS=x.caffemodel OUT=dir]`, `make test`.
+# caffe2metal: `make convert [MODEL=deploy.prototxt WEIGHTS=x.caffemodel OUT=dir]`, `make test`
+# (everything; what CI runs), `make test-fast` (all but the tests marked slow),
+# `make check` (ruff and mypy).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test convert proto bench fuzz clean
+.PHONY: install test test-fast check convert proto bench fuzz clean
 
 install: $(STAMP)
 
@@ -16,6 +18,16 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The edit loop: everything but the tests marked slow (real models at full cost, fuzz runs,
+# the wheel build); about a minute on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Lint and type-check (configured in pyproject.toml).
+check: $(STAMP)
+	$(BIN)/ruff check caffe2metal tools tests
+	$(BIN)/mypy caffe2metal
 
 # Without MODEL: build the built-in MobileNet-SSD-style example, convert and verify it.
 convert: $(STAMP)

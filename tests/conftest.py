@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal.example import weights as synth
 from caffe2metal.caffe.caffemodel import write_caffemodel
-from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.example import weights as synth
 from caffe2metal.export.caffe import merged_layers
+from caffe2metal.net.reader import read_model, read_prototxt
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -25,6 +25,16 @@ def real_models() -> list[Path]:
 
 def model_id(path: Path) -> str:
     return path.parent.name
+
+
+_PARAM = type(pytest.param(None))
+
+
+def mark_slow(values, slow, key=lambda v: v):
+    """``values`` for parametrize with those whose ``key`` is in ``slow`` marked slow
+    (left out of ``make test-fast``); values that already are ``pytest.param`` pass as is."""
+    return [v if isinstance(v, _PARAM) or key(v) not in slow
+            else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def write_net(tmp_path: Path, text: str, name: str = "net") -> Path:

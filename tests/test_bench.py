@@ -15,18 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import bench
-
+from caffe2metal import example, fold
 from caffe2metal.caffe import caffemodel
-
-from caffe2metal import example
-from caffe2metal import fold
 from caffe2metal.caffe.caffemodel import read_caffemodel, write_caffemodel
 from caffe2metal.convert import _Progress, convert
 from caffe2metal.errors import ExportError, GraphError
+from caffe2metal.export.writeback import WriteBehind
 from caffe2metal.graph import Graph, Layer
 from caffe2metal.net.reader import read_model
-from caffe2metal.export.writeback import WriteBehind
+from tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,8 +65,9 @@ def test_vgg_architecture(tiny_vgg):
 
 
 def test_full_vgg_prototxt_has_the_vgg16_shapes():
-    from caffe2metal.net.reader import read_prototxt
     import tempfile
+
+    from caffe2metal.net.reader import read_prototxt
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "vgg16_bn.prototxt"
         p.write_text(bench.vgg_prototxt())
@@ -158,6 +156,7 @@ def test_report_tables():
     assert "I/O floor 0.500 (I/O alone" in md
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     """The whole `make bench` flow (figures meaningless at this size)."""
     p = subprocess.run([sys.executable, "-m", "tools.bench", "--tiny", "--runs", "1",

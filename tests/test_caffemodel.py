@@ -25,9 +25,8 @@ from caffe2metal.caffe.caffemodel import (
     read_caffemodel,
     write_caffemodel,
 )
-from caffe2metal.errors import Caffe2MetalError, ExportError, ModelFormatError
 from caffe2metal.caffe.proto import caffe_pb2
-
+from caffe2metal.errors import Caffe2MetalError, ExportError, ModelFormatError
 
 # --------------------------------------------------------------------------
 # independent protobuf encoder for hand-made messages

@@ -40,6 +40,7 @@ def check(kind, proto: bytes, model: bytes, workdir, threads: bool = False) -> s
         pytest.fail(f"{kind} input (saved as {saved}.*): {f}", pytrace=False)
 
 
+@pytest.mark.slow
 def test_seed_corpus_converts(seeds, workdir):
     """Unmutated seeds: the built-in nets must convert (real nets may lack weights)."""
     assert len(seeds) >= 4
@@ -51,6 +52,7 @@ def test_seed_corpus_converts(seeds, workdir):
     assert threaded == results
 
 
+@pytest.mark.slow
 @settings(max_examples=100, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_prototxt_mutations(seeds, workdir, rnd):
@@ -58,6 +60,7 @@ def test_fuzz_prototxt_mutations(seeds, workdir, rnd):
     check(kind, proto, model, workdir)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_consistent_edits(seeds, workdir, rnd):
@@ -66,6 +69,7 @@ def test_fuzz_consistent_edits(seeds, workdir, rnd):
     check(kind, proto, model, workdir, threads=rnd.random() < 0.5)
 
 
+@pytest.mark.slow
 @settings(max_examples=80, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_caffemodel_mutations(seeds, workdir, rnd):
@@ -73,6 +77,7 @@ def test_fuzz_caffemodel_mutations(seeds, workdir, rnd):
     check(kind, proto, model, workdir, threads=rnd.random() < 0.5)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_bad_values(seeds, workdir, rnd):
@@ -80,6 +85,7 @@ def test_fuzz_bad_values(seeds, workdir, rnd):
     check(kind, proto, model, workdir)
 
 
+@pytest.mark.slow
 @settings(max_examples=80, **SETTINGS)
 @given(rnd=st.randoms(use_true_random=False),
        kind=st.sampled_from(["special", "swap", "random"]))
@@ -94,6 +100,7 @@ def test_fuzz_raw_bytes(workdir, proto, model):
     check("bytes", proto, model, workdir)
 
 
+@pytest.mark.slow
 def test_fuzz_loop_reports_counts(tmp_path):
     """The `make fuzz` driver: counts inputs, finds nothing on a short run."""
     lines = []

@@ -21,12 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import cli
-
-from caffe2metal import example
-
-from caffe2metal import fold
-
+from caffe2metal import cli, example, fold
 from caffe2metal.caffe import textproto
 from caffe2metal.caffe.caffemodel import ModelLayer, read_caffemodel, write_caffemodel
 from caffe2metal.convert import convert
@@ -196,7 +191,9 @@ def test_prototxt_syntax_error_has_line_and_column(tmp_path, good):
 
 
 @pytest.mark.parametrize("opener, closer", [("a{", "}"), ("layer {", "}"), ("a <", ">"),
-                                            ("[", "]"), ("layer { convolution_param {", "}}")])
+                                            ("[", "]"),
+                                            pytest.param("layer { convolution_param {", "}}",
+                                                         marks=pytest.mark.slow)])
 def test_deep_nesting_is_an_error_not_a_recursion_error(tmp_path, opener, closer):
     p = tmp_path / "deep.prototxt"
     lead = "a: " if opener == "[" else ""
@@ -212,6 +209,7 @@ def test_nesting_at_the_limit_still_parses():
     assert doc.fields[0].name == "a"
 
 
+@pytest.mark.slow
 def test_long_lists_parse_in_linear_time():
     n = 200_000
     t = time.monotonic()
@@ -521,6 +519,7 @@ def test_empty_existing_out_is_used(tmp_path, good):
 
 def test_write_failure_is_an_export_error_and_leaves_nothing(tmp_path, good, monkeypatch):
     import errno
+
     import caffe2metal.convert as conv_mod
     proto, weights = good
 

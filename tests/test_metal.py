@@ -27,21 +27,17 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
-from caffe2metal import fold
-
-from caffe2metal.export import metal
-
-from caffe2metal import mps
-
-from caffe2metal.example import weights as synth
-
+from caffe2metal import fold, mps
 from caffe2metal.caffe import textproto
 from caffe2metal.convert import convert
 from caffe2metal.errors import ExportError
 from caffe2metal.example import build as build_example
-from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.example import weights as synth
+from caffe2metal.export import metal
 from caffe2metal.export.caffe import write_merged_caffemodel
+from caffe2metal.net.reader import read_model, read_prototxt
 from caffe2metal.verify.opencv import caffemodel_bytes, opencv_net
+from conftest import mark_slow
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 SCHEMA = json.loads((files("caffe2metal.export") / "manifest.schema.json").read_text())
@@ -614,7 +610,7 @@ def _real(names):
                          id="no-shared-models")]
 
 
-@pytest.mark.parametrize("name", _real(SSD_MODELS))
+@pytest.mark.parametrize("name", mark_slow(_real(SSD_MODELS), {"vgg_ssd300"}))
 def test_real_ssd_priors(tmp_path, name):
     model = read_prototxt(MODELS / name / "deploy.prototxt")
     synth.init_weights(model, 0)
@@ -674,6 +670,7 @@ def verify_real_architecture(tmp_path, name, size=None, calibrate=True, drop=())
     return verify(proto, weights, tmp_path / "out"), result.manifest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _real(["vgg_ssd300"]))
 def test_verify_vgg_ssd300(tmp_path, name):
     """The heaviest architecture (31 GMAC at 300x300) at the smallest input its extra layers

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor as _d
-from google.protobuf import descriptor_pb2
-from google.protobuf import text_format
+from google.protobuf import descriptor_pb2, text_format
 
 from caffe2metal.caffe.proto import caffe_pb2
 

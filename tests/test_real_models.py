@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 
 from caffe2metal import fold
-
-from caffe2metal.example import weights as synth
 from caffe2metal.convert import convert
+from caffe2metal.example import weights as synth
 from caffe2metal.net.reader import read_model
 from caffe2metal.verify.opencv import opencv_text
-from conftest import real_models, model_id, with_weights
+from conftest import mark_slow, model_id, real_models, with_weights
 
 MODELS = real_models()
 
@@ -55,6 +54,17 @@ def _runnable_copy(model, tmp_path, name, model_name):
     return p
 
 
+# The slow marker (`make test-fast` leaves these out): inspect is two subprocesses per
+# model, so the fast run keeps the models with an odd format (V1, CRLF without a trailing
+# newline, fork and custom layers) and MobileNet-SSD; the OpenCV comparisons keep the
+# models that take under about a second each.
+INSPECT_FAST = {"mobilenet_ssd", "caffenet_v1", "erfnet", "enet", "yolov3"}
+SLOW_SHAPES = {"caffenet_v1", "arcface_lresnet_se", "vgg_ssd300", "resnet50", "se_bn_inception"}
+SLOW_MERGED = {"erfnet", "arcface_lresnet_se", "caffenet_v1", "vgg_ssd300", "resnet50",
+               "densenet121", "mobilenetv2_ssd", "mobilenetv2_ssdlite", "se_bn_inception",
+               "mobilenet_v2"}
+
+
 def _prepare(path, tmp_path, calibrate=True):
     d = tmp_path / model_id(path)
     d.mkdir()
@@ -65,7 +75,8 @@ def _prepare(path, tmp_path, calibrate=True):
     return with_weights(d / "deploy.prototxt", calibrate=calibrate, drop=_drop(d.name))
 
 
-@pytest.mark.parametrize("path", MODELS, ids=model_id)
+@pytest.mark.parametrize("path", mark_slow(MODELS, {model_id(p) for p in MODELS} - INSPECT_FAST,
+                                           key=model_id), ids=model_id)
 def test_inspect_reads_every_real_model(path):
     run = subprocess.run([sys.executable, "-m", "caffe2metal", "inspect", str(path), "--json"],
                          capture_output=True, text=True)
@@ -87,7 +98,7 @@ def _opencv_input_shapes(model):
     return shapes
 
 
-@pytest.mark.parametrize("path", RUNNABLE, ids=model_id)
+@pytest.mark.parametrize("path", mark_slow(RUNNABLE, SLOW_SHAPES, key=model_id), ids=model_id)
 def test_shapes_equal_opencv(path, tmp_path):
     import cv2
     model, weights = _prepare(path, tmp_path, calibrate=False)
@@ -122,7 +133,7 @@ def _compared_outputs(graph):
     return graph.outputs()
 
 
-@pytest.mark.parametrize("path", RUNNABLE, ids=model_id)
+@pytest.mark.parametrize("path", mark_slow(RUNNABLE, SLOW_MERGED, key=model_id), ids=model_id)
 def test_merged_model_computes_the_same(path, tmp_path):
     model, weights = _prepare(path, tmp_path)
     result = convert(model.prototxt, weights, tmp_path / "out", metal=False)

@@ -6,12 +6,10 @@ import random
 import pytest
 from google.protobuf import text_format
 
-from caffe2metal.caffe import textfill
-
-from caffe2metal.caffe import textproto
+from caffe2metal.caffe import textfill, textproto
+from caffe2metal.caffe.proto import caffe_pb2
 from caffe2metal.errors import ModelFormatError
 from caffe2metal.example import prototxt as example_prototxt
-from caffe2metal.caffe.proto import caffe_pb2
 from conftest import SHARED_MODELS
 
 FILES = sorted(SHARED_MODELS.glob("*/*.prototxt")) if SHARED_MODELS.is_dir() else []
@@ -55,6 +53,7 @@ VALUES = ["1", "-1", "0x10", "010", "1.5", "1e-3", "-2.5e+2", "1.0f", "inf", "-i
           "[]", "{}", "1.", ".5", "abc", "0", "-0"]
 
 
+@pytest.mark.slow
 def test_equal_on_mutated_scalars():
     """Replace scalar values of a real-looking net with every kind of literal: both
     parsers must agree on the result or on refusing it."""

@@ -25,9 +25,8 @@ from caffe2metal.cli import main
 from caffe2metal.convert import convert
 from caffe2metal.example import build as build_example
 from caffe2metal.verify import TOLERANCE, compare, verify
-
-from test_metal import (CASES, FC_NET, FOLD_NET, conv, net_text, verify_real_architecture,
-                        write_net)
+from conftest import mark_slow
+from test_metal import CASES, FC_NET, FOLD_NET, conv, net_text, verify_real_architecture, write_net
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 
@@ -323,7 +322,13 @@ def test_every_shared_model_is_accounted_for():
         set(REAL) | set(NOT_RUN) | {"vgg_ssd300"}
 
 
-@pytest.mark.parametrize("name", sorted(REAL) if MODELS.is_dir() else [pytest.param(
+# left out of `make test-fast` (over a second each); mobilenet_ssd and the small ones stay
+SLOW_REAL = {"arcface_lresnet_se", "resnet50", "se_bn_inception", "caffenet_v1", "densenet121",
+             "mobilenetv2_ssd", "mobilenetv2_ssdlite"}
+REAL_PARAMS = mark_slow(sorted(REAL), SLOW_REAL)
+
+
+@pytest.mark.parametrize("name", REAL_PARAMS if MODELS.is_dir() else [pytest.param(
     None, marks=pytest.mark.skip(reason=f"{MODELS} not present"), id="no-shared-models")])
 def test_verify_real_architecture(tmp_path, name):
     report, manifest = verify_real_architecture(tmp_path, name, REAL[name],

@@ -104,65 +104,6 @@ def plan(graph: Graph) -> Plan:
     return result
 
 
-def _describe(graph: Graph, layer: Layer | None, blob: str) -> str:
-    if layer is None:
-        return f"its input '{graph.blob_names.get(blob, blob)}' is a net input"
-    return f"its input comes from {layer.type} '{layer.name}', which cannot absorb it"
-
-
-def plan(graph: Graph) -> Plan:
-    """Decide, for every BatchNorm and Scale, whether it folds and into what."""
-    producers = graph.producers()
-    users = graph.consumers()
-    outputs = set(graph.outputs())
-    result = Plan()
-    claimed: set[str] = set()
-    seen_names: dict[str, int] = {}
-    param_users: dict[str, int] = {}
-    for layer in graph.layers:
-        seen_names[layer.name] = seen_names.get(layer.name, 0) + 1
-        for shared in layer.shared_params:
-            param_users[shared] = param_users.get(shared, 0) + 1
-
-    def sole_reader(blob: str, layer_type: str) -> Layer | None:
-        readers = users.get(blob, [])
-        if len(readers) == 1 and readers[0].type == layer_type and blob not in outputs:
-            return readers[0]
-        return None
-
-    for layer in graph.layers:
-        if layer.type not in ("BatchNorm", "Scale") or layer.name in claimed:
-            continue
-        chain = [layer]
-        if layer.type == "BatchNorm" and len(layer.tops) == 1:
-            nxt = sole_reader(layer.tops[0], "Scale")
-            if nxt is not None and scale_problem(nxt) is None:
-                chain.append(nxt)
-        claimed.update(l.name for l in chain)
-        names = [l.name for l in chain]
-        reason = _chain_problem(graph, chain, producers, users, outputs)
-        if not reason and any(seen_names[n] > 1 for n in names):
-            reason = "its layer name is used by more than one layer, so weights cannot be matched"
-        if not reason and seen_names[producers[layer.bottoms[0]].name] > 1:
-            reason = "the producer's layer name is used by more than one layer"
-        if not reason:
-            shared = [n for n in producers[layer.bottoms[0]].shared_params if param_users[n] > 1]
-            if shared:
-                reason = (f"the producer shares its parameter '{shared[0]}' with another layer "
-                          "(param { name }), which would get the folded weights too")
-        if reason:
-            result.kept.append(Kept(names, reason))
-            continue
-        prod = producers[layer.bottoms[0]]
-        bn = chain[0] if chain[0].type == "BatchNorm" else None
-        result.folds.append(Fold(
-            producer=prod.name, layers=names, top=chain[-1].tops[0],
-            eps=None if bn is None else float(bn.params.get("batch_norm_param", {}).get("eps", 1e-5)),
-            scale_factor=None if bn is None or len(bn.blobs) < 3 or bn.blobs[2].size != 1
-            else float(bn.blobs[2].reshape(-1)[0])))
-    return result
-
-
 def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
     first = chain[0]
     for layer in chain:

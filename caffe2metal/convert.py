@@ -30,10 +30,10 @@ from pathlib import Path
 
 from . import fold
 from .errors import ExportError, ModelFormatError
-from .export.output import atomic_directory
-from .net.reader import Model, read_model
 from .export.caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
+from .export.output import atomic_directory
 from .export.writeback import WriteBehind
+from .net.reader import Model, read_model
 
 FORMAT, VERSION = "caffe2metal", 1
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
@@ -94,7 +94,7 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
         "source": {"prototxt": str(prototxt), "caffemodel": str(caffemodel)},
         "inputs": [{"name": blob(b, b), "shape": list(s)} for b, s in graph.inputs.items()]
                   + [{"name": blob(t, t), "shape": list(model.shapes.blobs[t] or [])}
-                     for l in graph.layers if l.type == "Input" for t in l.tops],
+                     for layer in graph.layers if layer.type == "Input" for t in layer.tops],
         "merged": names,
         "folds": [{"producer": f.producer, "layers": f.layers, "top": blob(f.top, f.top),
                    "eps": f.eps, "scale_factor": f.scale_factor} for f in the_plan.folds],
@@ -178,8 +178,14 @@ class _Progress:
 
 
 def report(result: Result) -> str:
-    m, lines = result.manifest, []
-    lines.append(f"{result.model.prototxt}: {len(m['folds'])} BatchNorm/Scale chain(s) folded, "
+    """What ``caffe2metal convert`` prints about ``result``."""
+    return render(result.model.prototxt, result.out, result.manifest)
+
+
+def render(prototxt: str | os.PathLike, out: str | os.PathLike, manifest: dict) -> str:
+    """The conversion report: what was folded, kept and skipped, and what was written."""
+    m, lines = manifest, []
+    lines.append(f"{prototxt}: {len(m['folds'])} BatchNorm/Scale chain(s) folded, "
                  f"{len(m['kept'])} kept")
     for f in m["folds"]:
         lines.append(f"  folded  {' + '.join(f['layers'])} -> {f['producer']}")
@@ -187,7 +193,7 @@ def report(result: Result) -> str:
         lines.append(f"  kept    {' + '.join(k['layers'])}: {k['reason']}")
     for s in m.get("metal", {}).get("skipped", []):
         lines.append(f"  no Metal file for {s['name']} ({s['type']}): {s['reason']}")
-    lines.append(f"wrote {result.out}/: {m['merged']['prototxt']}, {m['merged']['caffemodel']}, "
+    lines.append(f"wrote {out}/: {m['merged']['prototxt']}, {m['merged']['caffemodel']}, "
                  f"manifest.json" + (f", {len(m['layers'])} Metal layer(s) in metal/"
                                      if m["layers"] else ""))
     return "\n".join(lines)

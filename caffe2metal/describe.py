@@ -14,7 +14,9 @@ def _fmt(shape) -> str:
     return "x".join("?" if d is None else str(d) for d in shape)
 
 
-def describe(model: Model) -> dict:
+def describe(model: Model, the_plan: fold.Plan | None = None) -> dict:
+    """Everything ``inspect`` shows, as plain JSON-ready data; ``the_plan`` is
+    ``fold.plan(model.graph)``, computed here when not given."""
     g, sh = model.graph, model.shapes
     name = g.blob_names.get
     layers = []
@@ -28,12 +30,14 @@ def describe(model: Model) -> dict:
         values += sum(math.prod(s) for s in blob_shapes or [])
         layers.append({
             "name": layer.name, "type": layer.type,
-            "bottoms": [name(b, b) for b in layer.bottoms], "tops": [name(t, t) for t in layer.tops],
-            "output_shapes": [None if sh.blobs.get(t) is None else list(sh.blobs[t]) for t in layer.tops],
+            "bottoms": [name(b, b) for b in layer.bottoms],
+            "tops": [name(t, t) for t in layer.tops],
+            "output_shapes": [None if sh.blobs.get(t) is None else list(sh.blobs[t])
+                              for t in layer.tops],
             "param_shapes": blob_shapes,
             **({"unknown_fields": layer.unknown_fields} if layer.unknown_fields else {}),
         })
-    p = fold.plan(g)
+    p = fold.plan(g) if the_plan is None else the_plan
     return {
         "prototxt": model.prototxt, "caffemodel": model.caffemodel, "name": g.name,
         "format": "V1" if model.v1 else "modern",
@@ -51,24 +55,26 @@ def describe(model: Model) -> dict:
             "kept": [{"layers": k.layers, "reason": k.reason} for k in p.kept],
         },
         "unknown_fields": {"net": model.net_unknown_fields,
-                           **{l.name: l.unknown_fields for l in g.layers if l.unknown_fields}},
+                           **{x.name: x.unknown_fields for x in g.layers if x.unknown_fields}},
     }
 
 
 def render(info: dict) -> str:
     rows = [("#", "name", "type", "bottoms -> tops", "output", "params")]
-    for i, l in enumerate(info["layers"]):
-        params = "?" if l["param_shapes"] is None else ", ".join(_fmt(s) for s in l["param_shapes"])
-        flow = f"{', '.join(l['bottoms'])} -> {', '.join(l['tops'])}"
-        out = ", ".join(_fmt(s) for s in l["output_shapes"])
-        rows.append((str(i), l["name"], l["type"] + (" (!)" if "unknown_fields" in l else ""),
+    for i, x in enumerate(info["layers"]):
+        params = ("?" if x["param_shapes"] is None
+                  else ", ".join(_fmt(s) for s in x["param_shapes"]))
+        flow = f"{', '.join(x['bottoms'])} -> {', '.join(x['tops'])}"
+        out = ", ".join(_fmt(s) for s in x["output_shapes"])
+        rows.append((str(i), x["name"], x["type"] + (" (!)" if "unknown_fields" in x else ""),
                      flow, out, params))
-    widths = [min(max(len(r[c]) for r in rows), cap) for c, cap in enumerate((5, 28, 22, 44, 18, 99))]
+    caps = (5, 28, 22, 44, 18, 99)
+    widths = [min(max(len(r[c]) for r in rows), cap) for c, cap in enumerate(caps)]
     lines = [f"net '{info['name']}' ({info['format']} format) from {info['prototxt']}"]
     for inp in info["inputs"]:
         lines.append(f"input {inp['name']}: {_fmt(inp['shape'])}")
     for r in rows:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     s = info["summary"]
     lines.append("")
     src = "from the caffemodel" if s["weights_loaded"] else "implied by the prototxt"

@@ -309,7 +309,7 @@ def test_lazy_blobs_are_written_block_by_block_with_the_same_bytes(tmp_path, mon
     rows = fold.FoldedWeights.rows
     monkeypatch.setattr(fold.FoldedWeights, "rows",
                         lambda self, a, b: asked.append(b - a) or rows(self, a, b))
-    monkeypatch.setattr(fold, "BLOCK_BYTES", 10 * 50 * 4)   # ten rows per block
+    monkeypatch.setattr(fold.weights, "BLOCK_BYTES", 10 * 50 * 4)   # ten rows per block
     lazy = [caffemodel.ModelLayer("fc", "InnerProduct", [fw, np.ones(64, np.float32)])]
     eager = [caffemodel.ModelLayer("fc", "InnerProduct", [np.asarray(fw),
                                                           np.ones(64, np.float32)])]
@@ -331,7 +331,7 @@ def test_convert_output_is_the_same_with_and_without_the_writer_thread(tiny_vgg,
     monkeypatch.setattr(conv, "WRITE_BEHIND_MIN_BYTES", 1 << 62)
     a = convert(proto, weights, tmp_path / "a").manifest
     monkeypatch.setattr(conv, "WRITE_BEHIND_MIN_BYTES", 0)
-    monkeypatch.setattr(fold, "BLOCK_BYTES", 4096)           # many blocks per layer
+    monkeypatch.setattr(fold.weights, "BLOCK_BYTES", 4096)           # many blocks per layer
     b = convert(proto, weights, tmp_path / "b").manifest
     assert a["layers"] == b["layers"]                         # sha256 of every file included
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
@@ -386,7 +386,7 @@ def test_metal_files_streamed_with_the_fold_equal_a_separate_export(tiny_vgg, tm
                                                                      monkeypatch):
     from caffe2metal.export import metal
     proto, weights = tiny_vgg
-    monkeypatch.setattr(fold, "BLOCK_BYTES", 2048)            # several blocks per layer
+    monkeypatch.setattr(fold.weights, "BLOCK_BYTES", 2048)            # several blocks per layer
     got = convert(proto, weights, tmp_path / "c", dtype=dtype).manifest
     # the same without streaming: eager fold, then export on its own
     model = read_model(proto, weights)

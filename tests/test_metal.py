@@ -33,6 +33,7 @@ from caffe2metal.convert import convert
 from caffe2metal.errors import ExportError
 from caffe2metal.example import build as build_example
 from caffe2metal.example import weights as synth
+from caffe2metal.export import files as metal_files
 from caffe2metal.export import metal
 from caffe2metal.export.caffe import write_merged_caffemodel
 from caffe2metal.net.reader import read_model, read_prototxt
@@ -201,18 +202,9 @@ def metal_layer(out: Path, e: dict, x: np.ndarray) -> np.ndarray:
     w, b = read_back(out, e["weights"]), read_back(out, e["bias"])
     xh = np.moveaxis(np.asarray(x)[0], 0, -1)
     xh = xh.reshape(1, 1, -1) if xh.ndim == 1 else xh
-    geo = dict(stride=e["stride"], pad=e["pad"], dilation=e["dilation"])
-    kind = e["kind"]
-    if kind == "convolution":
-        y = mps.conv2d_nhwc(xh, w, b, groups=e["groups"], **geo)
-    elif kind == "depthwise_convolution":
-        y = mps.depthwise_nhwc(xh, w, b, **geo)
-    elif kind == "convolution_transpose":
-        y = mps.conv_transpose_nhwc(xh, w, b, groups=e["groups"], **geo)
-    elif kind == "fully_connected":
-        return mps.fully_connected_nhwc(xh, w, b)[None]
-    else:
-        y = mps.channel_affine_nhwc(xh, w, b)
+    y = mps.KINDS[e["kind"]].run(e, xh, w, b)
+    if e["kind"] == "fully_connected":
+        return y.reshape(1, -1)
     return y.transpose(2, 0, 1)[None] if np.asarray(x).ndim == 4 else y.reshape(1, -1)
 
 
@@ -282,7 +274,7 @@ def test_layout_against_caffe_reference(tmp_path, case):
     (e,) = result.manifest["layers"]
     assert (e["kind"], e["groups"], e["dense_from_groups"], e["weights"]["shape"]) == \
         (kind, groups, dense, wshape)
-    assert e["weights"]["layout"] == metal.LAYOUTS[kind]
+    assert e["weights"]["layout"] == mps.KINDS[kind].layout
     check_all_layers(result, model, out)
 
 
@@ -448,15 +440,15 @@ def test_forge_naming(tmp_path):
     ("LPT9", "LPT9_"), ("CONSOLE", "CONSOLE"), ("été", "_t_"), ("", "_"), ("a.b-c_d", "a.b-c_d"),
 ])
 def test_safe_name(name, safe):
-    assert metal.safe_name(name) == safe
+    assert metal_files.safe_name(name) == safe
     for naming in ("apple", "forge"):
         for f in metal.file_names(name, naming):
             assert "/" not in f and "\\" not in f and not f.startswith(".")
-            assert f.split(".")[0].upper() not in metal._RESERVED
+            assert f.split(".")[0].upper() not in metal_files._RESERVED
 
 
 def test_long_names_stay_short_and_distinct():
-    a, b = metal.safe_name("x" * 300), metal.safe_name("x" * 299 + "y")
+    a, b = metal_files.safe_name("x" * 300), metal_files.safe_name("x" * 299 + "y")
     assert len(a) <= 120 and a != b
 
 
@@ -714,3 +706,11 @@ layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_fla
         assert bool(reasons) != consistent
         if reasons:
             assert "not SSD's PriorBox" in reasons[0]
+
+
+def test_schema_kinds_are_the_mps_kinds_table():
+    """One table of MPS kinds: the schema's enum, the writer and verify all read mps.KINDS."""
+    kind_enum = SCHEMA["$defs"]["layer"]["properties"]["kind"]["enum"]
+    assert sorted(kind_enum) == sorted(mps.KINDS)
+    for name, kind in mps.KINDS.items():
+        assert kind.name == name and kind.mps_kernel.startswith("MPSCNN") and kind.layout

@@ -299,7 +299,7 @@ REAL = {
     "arcface_lresnet_se": None, "mobilefacenet": None, "erfnet": 64, "faceboxes": 128,
 }
 # OpenCV cannot run FaceBoxes' DetectionOutput (its anchors are not SSD's PriorBox, see
-# metal._check_prior_counts): calibrate and verify everything before it
+# export.ssd._check_prior_counts): calibrate and verify everything before it
 DROP = {"faceboxes": ("DetectionOutput",)}
 NOT_RUN = {   # and why
     "enet": "custom BN layer OpenCV does not know",

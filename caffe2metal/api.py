@@ -7,8 +7,8 @@ subclass (``ModelFormatError``, ``GraphError``, ``ExportError``), the errors
 the command line reports with exit status 2.
 
 The records inside the results are the pipeline's own: ``caffe2metal.fold.Fold``
-and ``Kept`` (the fold plan), ``caffe2metal.verify.Report`` and ``Row`` (a
-verification), ``caffe2metal.verify.Comparison`` and ``ComparisonRow`` (a comparison).
+and ``Kept`` (the fold plan), ``caffe2metal.verification.Report`` and ``Row`` (a
+verification), ``caffe2metal.verification.Comparison`` and ``ComparisonRow`` (a comparison).
 
 This module imports nothing heavy: every function imports the part of the
 pipeline it runs when it is called (numpy, and OpenCV for ``verify``), so
@@ -26,7 +26,7 @@ from .errors import ExportError
 
 if TYPE_CHECKING:
     from .fold import Fold, Kept
-    from .verify import Comparison, ComparisonRow, Report, Row
+    from .verification import Comparison, ComparisonRow, Report, Row
 
 PathLike = str | os.PathLike
 DTYPES = ("float32", "float16")
@@ -77,7 +77,7 @@ class Skipped:
 @dataclass(frozen=True)
 class Verification:
     """Every Metal layer recomputed from its files and every net output end to end
-    (see ``caffe2metal.verify``); ``report`` is the full record."""
+    (see ``caffe2metal.verification``); ``report`` is the full record."""
     report: Report
     layers: list[Row]                 # per Metal layer (and priors.dat)
     outputs: list[Row]                # per net output, original vs merged model
@@ -94,7 +94,7 @@ class Verification:
 
     def render(self) -> str:
         """The report ``caffe2metal verify`` prints."""
-        from .verify import render
+        from .verification import render
         return render(self.report)
 
 
@@ -118,7 +118,7 @@ class Conversion:
 
     def render(self) -> str:
         """What ``caffe2metal convert`` (with ``--verify``) prints."""
-        from .convert import render
+        from .pipeline import render
         text = render(self.prototxt, self.out, self.manifest)
         return text if self.verification is None else f"{text}\n\n{self.verification.render()}"
 
@@ -143,7 +143,7 @@ class DirectoryComparison:
 
     def render(self) -> str:
         """The table ``caffe2metal compare`` prints."""
-        from .verify import render_comparison
+        from .verification import render_comparison
         return render_comparison(self.comparison, self.dir_a, self.dir_b)
 
 
@@ -198,7 +198,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
         raise ExportError(f"unknown naming '{naming}' (use one of {', '.join(NAMINGS)})")
     # imported when called: the pipeline brings in numpy (0.10 s, -X importtime); OpenCV
     # and tqdm only come with verify=True and the progress bar
-    from .convert import convert as run
+    from .pipeline import convert as run
     done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
                progress=progress)
     checked = _verify(prototxt, done.model.caffemodel, done.out) if verify else None
@@ -226,8 +226,8 @@ def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
 def _verify(prototxt, caffemodel, out, *, image=None, seed=0) -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
     # (0.08 s more) at its first forward pass
-    from .convert import default_weights
-    from .verify import verify as run
+    from .pipeline import default_weights
+    from .verification import verify as run
     report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image, seed=seed)
     counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
     return Verification(report=report, layers=list(report.layers), outputs=list(report.outputs),
@@ -238,7 +238,7 @@ def compare(dir_a: PathLike, dir_b: PathLike) -> DirectoryComparison:
     """Max |A - B| of every weights/bias file the two output directories share
     (matched by name, in DIR or DIR/metal), and the files only one has."""
     # imported when called: verify's comparison brings in numpy (0.15 s, -X importtime)
-    from .verify import compare as run
+    from .verification import compare as run
     return DirectoryComparison(str(dir_a), str(dir_b), run(dir_a, dir_b))
 
 
@@ -247,7 +247,7 @@ def example(directory: PathLike) -> Example:
     and its ``.caffemodel`` (deterministic; calibrating it runs OpenCV)."""
     # imported when called: building the weights brings in numpy (0.10 s, -X importtime),
     # and OpenCV (0.08 s more) to calibrate them
-    from .example import build
+    from .examples import build
     try:
         proto, weights = build(Path(directory))
     except OSError as e:        # an unwritable DIRECTORY is bad input, not a crash

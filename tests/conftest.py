@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from caffe2metal.caffe.caffemodel import write_caffemodel
-from caffe2metal.example import weights as synth
+from caffe2metal.examples import weights as synth
 from caffe2metal.export.caffe import merged_layers
 from caffe2metal.net.reader import read_model, read_prototxt
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import example, fold
+from caffe2metal import examples, fold
 from caffe2metal.caffe import caffemodel
 from caffe2metal.caffe.caffemodel import read_caffemodel, write_caffemodel
-from caffe2metal.convert import _Progress, convert
+from caffe2metal.pipeline import _Progress, convert
 from caffe2metal.errors import ExportError, GraphError
 from caffe2metal.export.writeback import WriteBehind
 from caffe2metal.graph import Graph, Layer
@@ -130,7 +130,7 @@ def test_models_are_built_once_and_rebuilt_when_the_stamp_changes(tmp_path, monk
 def test_mobilenet_fallback_is_the_full_width_example(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "SHARED_MODELS", tmp_path / "absent")
     text, source = bench.mobilenet_source()
-    assert "example" in source and example.WIDTH == 0.25      # restored
+    assert "example" in source and examples.WIDTH == 0.25      # restored
     assert "num_output: 1024" in text
 
 
@@ -182,14 +182,14 @@ def _convert_in_fresh_process(proto, out, extra=""):
 def test_convert_does_not_import_opencv_or_tqdm(tiny_vgg, tmp_path):
     p = _convert_in_fresh_process(
         tiny_vgg[0], tmp_path / "out",
-        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verify', 'caffe2metal.example.weights') "
+        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verification', 'caffe2metal.examples.weights') "
         "if m in sys.modules]\nassert not bad, bad")
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""                          # quiet when stderr is not a terminal
 
 
 def test_built_in_example_converts_without_opencv(tmp_path):
-    proto, _ = example.build(tmp_path)             # building it calibrates with OpenCV...
+    proto, _ = examples.build(tmp_path)             # building it calibrates with OpenCV...
     p = _convert_in_fresh_process(proto, tmp_path / "out",      # ...converting must not
                                   "assert 'cv2' not in sys.modules")
     assert p.returncode == 0, p.stderr
@@ -326,7 +326,7 @@ def test_lazy_blobs_are_written_block_by_block_with_the_same_bytes(tmp_path, mon
 
 def test_convert_output_is_the_same_with_and_without_the_writer_thread(tiny_vgg, tmp_path,
                                                                          monkeypatch):
-    import caffe2metal.convert as conv
+    import caffe2metal.pipeline as conv
     proto, weights = tiny_vgg
     monkeypatch.setattr(conv, "WRITE_BEHIND_MIN_BYTES", 1 << 62)
     a = convert(proto, weights, tmp_path / "a").manifest

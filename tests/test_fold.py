@@ -12,8 +12,8 @@ import pytest
 
 from caffe2metal import fold
 from caffe2metal.caffe.caffemodel import write_caffemodel
-from caffe2metal.convert import convert
-from caffe2metal.example.weights import init_weights, random_inputs
+from caffe2metal.pipeline import convert
+from caffe2metal.examples.weights import init_weights, random_inputs
 from caffe2metal.export.caffe import merged_layers
 from caffe2metal.net.reader import read_model, read_prototxt
 from conftest import opencv_run

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe2metal import cli, example, fold
+from caffe2metal import cli, examples, fold
 from caffe2metal.caffe import textproto
 from caffe2metal.caffe.caffemodel import ModelLayer, read_caffemodel, write_caffemodel
-from caffe2metal.convert import convert
+from caffe2metal.pipeline import convert
 from caffe2metal.errors import Caffe2MetalError, ExportError, GraphError, ModelFormatError
 from caffe2metal.export.output import atomic_directory
 from caffe2metal.net.reader import read_model, read_prototxt
@@ -170,7 +170,7 @@ def test_swapped_files(tmp_path, good):
 def test_caffemodel_of_another_net(tmp_path, good):
     proto, _ = good
     # missing layers: the built-in example's weights
-    ex_proto, ex_weights = example.build(tmp_path / "ex")
+    ex_proto, ex_weights = examples.build(tmp_path / "ex")
     convert_fails(proto, ex_weights, tmp_path / "out", "layer 'conv'", "no layer of that name")
     # same names, wrong shapes
     wider = chain_text().replace("num_output: 4", "num_output: 6")
@@ -520,7 +520,7 @@ def test_empty_existing_out_is_used(tmp_path, good):
 def test_write_failure_is_an_export_error_and_leaves_nothing(tmp_path, good, monkeypatch):
     import errno
 
-    import caffe2metal.convert as conv_mod
+    import caffe2metal.pipeline as conv_mod
     proto, weights = good
 
     def disk_full(path, text):
@@ -620,7 +620,7 @@ def test_ctrl_c_leaves_no_partial_out(tmp_path, existing):
 def _slow_convert_script(proto, weights, out) -> str:
     """A CLI convert that stops for a minute inside OUT's sibling, after the caffemodel."""
     return ("import sys, time, runpy\n"
-            "import caffe2metal.convert as c\n"
+            "import caffe2metal.pipeline as c\n"
             "orig = c.write_merged_caffemodel\n"
             "def slow(*a, **k):\n"
             "    orig(*a, **k)\n"
@@ -734,7 +734,7 @@ def _metal_files(out: Path) -> dict[str, bytes]:
 
 
 def test_converting_the_merged_output_again_changes_nothing(tmp_path):
-    proto, weights = example.build(tmp_path / "ex")
+    proto, weights = examples.build(tmp_path / "ex")
     first = convert(proto, weights, tmp_path / "out1")
     assert first.plan.folds
     m = first.manifest["merged"]
@@ -835,7 +835,7 @@ def test_caffemodel_from_a_device_is_bounded(tmp_path, good):
 def test_a_net_without_weights_converts_and_converts_again(tmp_path):
     """Its merged caffemodel has no layers (as Caffe saves it); reading it back is fine
     because no layer needs a blob, and the second conversion gives the same files."""
-    from caffe2metal.convert import convert
+    from caffe2metal.pipeline import convert
     proto = tmp_path / "net.prototxt"
     proto.write_text('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
                      'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '

@@ -29,15 +29,15 @@ from jsonschema import Draft202012Validator
 
 from caffe2metal import fold, mps
 from caffe2metal.caffe import textproto
-from caffe2metal.convert import convert
+from caffe2metal.pipeline import convert
 from caffe2metal.errors import ExportError
-from caffe2metal.example import build as build_example
-from caffe2metal.example import weights as synth
+from caffe2metal.examples import build as build_example
+from caffe2metal.examples import weights as synth
 from caffe2metal.export import files as metal_files
 from caffe2metal.export import metal
 from caffe2metal.export.caffe import write_merged_caffemodel
 from caffe2metal.net.reader import read_model, read_prototxt
-from caffe2metal.verify.opencv import caffemodel_bytes, opencv_net
+from caffe2metal.verification.opencv import caffemodel_bytes, opencv_net
 from conftest import mark_slow
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -645,7 +645,7 @@ def resize_input(text: str, h: int, w: int) -> str:
 
 def verify_real_architecture(tmp_path, name, size=None, calibrate=True, drop=()):
     """Convert a shared model with synthetic weights (input resized to ``size``) and verify it."""
-    from caffe2metal.verify import verify
+    from caffe2metal.verification import verify
     text = (MODELS / name / "deploy.prototxt").read_text()
     if size:
         text = resize_input(text, size, size)

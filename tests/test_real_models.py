@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from caffe2metal import fold
-from caffe2metal.convert import convert
-from caffe2metal.example import weights as synth
+from caffe2metal.pipeline import convert
+from caffe2metal.examples import weights as synth
 from caffe2metal.net.reader import read_model
-from caffe2metal.verify.opencv import opencv_text
+from caffe2metal.verification.opencv import opencv_text
 from conftest import mark_slow, model_id, real_models, with_weights
 
 MODELS = real_models()

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from caffe2metal.caffe import textfill, textproto
 from caffe2metal.caffe.proto import caffe_pb2
 from caffe2metal.errors import ModelFormatError
-from caffe2metal.example import prototxt as example_prototxt
+from caffe2metal.examples import prototxt as example_prototxt
 from conftest import SHARED_MODELS
 
 FILES = sorted(SHARED_MODELS.glob("*/*.prototxt")) if SHARED_MODELS.is_dir() else []

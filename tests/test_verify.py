@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from caffe2metal.cli import main
-from caffe2metal.convert import convert
-from caffe2metal.example import build as build_example
-from caffe2metal.verify import TOLERANCE, compare, verify
+from caffe2metal.pipeline import convert
+from caffe2metal.examples import build as build_example
+from caffe2metal.verification import TOLERANCE, compare, verify
 from conftest import mark_slow
 from test_metal import CASES, FC_NET, FOLD_NET, conv, net_text, verify_real_architecture, write_net
 

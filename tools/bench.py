@@ -219,18 +219,18 @@ def mobilenet_source() -> tuple[str, str]:
     real = SHARED_MODELS / "mobilenet_ssd" / "deploy.prototxt"
     if real.is_file():
         return real.read_text(encoding="utf-8"), str(real)
-    from caffe2metal import example
-    saved = example.WIDTH
-    example.WIDTH = 1.0
+    from caffe2metal import examples
+    saved = examples.WIDTH
+    examples.WIDTH = 1.0
     try:
-        return example.prototxt(), "caffe2metal.example at width 1.0"
+        return examples.prototxt(), "caffe2metal.examples at width 1.0"
     finally:
-        example.WIDTH = saved
+        examples.WIDTH = saved
 
 
 def write_mobilenet(directory, text: str, name: str = "mobilenet_ssd",
                     seed: int = 0) -> tuple[Path, Path]:
-    from caffe2metal.example import weights as synth
+    from caffe2metal.examples import weights as synth
     from caffe2metal.caffe.caffemodel import write_caffemodel
     from caffe2metal.net.reader import read_prototxt
     from caffe2metal.export.caffe import merged_layers

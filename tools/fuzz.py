@@ -133,7 +133,7 @@ class Seed:
 def _synth_weights(text: str | bytes, seed: int = 0,
                    max_params: int = MAX_SEED_PARAMS) -> bytes | None:
     """Deterministic weights for ``text`` (no calibration), or None if too big or unreadable."""
-    from caffe2metal.example import weights as synth
+    from caffe2metal.examples import weights as synth
     from caffe2metal.errors import Caffe2MetalError
     from caffe2metal.net.reader import read_prototxt
     with tempfile.TemporaryDirectory() as d:
@@ -168,8 +168,8 @@ def _synth_weights(text: str | bytes, seed: int = 0,
 @functools.lru_cache(maxsize=None)
 def corpus(models_dir: str | None = None, real: bool = True) -> tuple[Seed, ...]:
     """The seed nets: built-in ones first, then ``models_dir`` (default ../shared/models)."""
-    from caffe2metal import example
-    texts = [("example", example.prototxt()), ("tiny", TINY), ("tiny_v1", TINY_V1),
+    from caffe2metal import examples
+    texts = [("example", examples.prototxt()), ("tiny", TINY), ("tiny_v1", TINY_V1),
              ("tiny_input_layer", TINY_LAYER_INPUT)]
     root = Path(models_dir) if models_dir else SHARED_MODELS
     if real and root.is_dir():
@@ -615,7 +615,7 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
 
     ``threads``: write through the write-behind threads whatever the model's size
     (the path big models take)."""
-    from caffe2metal import convert
+    from caffe2metal import pipeline
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
@@ -626,14 +626,14 @@ def run_one(prototxt: bytes, caffemodel: bytes, workdir: str | os.PathLike, *,
     inspected = _inspect_one(proto, model, seconds, memory, as_json=threads)
     if _listing(work) != before:
         raise Failure("inspect wrote files")
-    threshold = convert.WRITE_BEHIND_MIN_BYTES
+    threshold = pipeline.WRITE_BEHIND_MIN_BYTES
     try:
         if threads:
-            convert.WRITE_BEHIND_MIN_BYTES = 0
+            pipeline.WRITE_BEHIND_MIN_BYTES = 0
         status, _, err = _run_cli(["convert", str(proto), str(model), "-o", str(out)],
                                   seconds, memory)
     finally:
-        convert.WRITE_BEHIND_MIN_BYTES = threshold
+        pipeline.WRITE_BEHIND_MIN_BYTES = threshold
     ours = [t.name for t in threading.enumerate() if t.name.startswith("caffe2metal")]
     if ours:
         raise Failure(f"threads left running: {ours}")

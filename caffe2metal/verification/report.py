@@ -2,7 +2,7 @@
 
 Measure: rel = max |diff| / max |ref|; non-finite reference values must match
 exactly and are left out of max |ref|.  The tolerances are explained in the
-package docstring (``caffe2metal.verify``).
+package docstring (``caffe2metal.verification``).
 """
 from __future__ import annotations
 

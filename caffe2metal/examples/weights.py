@@ -22,10 +22,10 @@ from ..errors import Caffe2MetalError
 from ..graph import Layer
 from ..layers import registry
 from ..net.reader import Model
-from ..verify.opencv import caffemodel_bytes, opencv_net, opencv_text
+from ..verification.opencv import caffemodel_bytes, opencv_net, opencv_text
 
 __all__ = ["calibrate", "init_weights", "random_inputs",
-           # OpenCV plumbing, at home in caffe2metal.verify.opencv
+           # OpenCV plumbing, at home in caffe2metal.verification.opencv
            "caffemodel_bytes", "opencv_net", "opencv_text"]
 
 

@@ -14,6 +14,10 @@ def _fmt(shape) -> str:
     return "x".join("?" if d is None else str(d) for d in shape)
 
 
+def _listed(shape: tuple | None) -> list | None:
+    return None if shape is None else list(shape)
+
+
 def describe(model: Model, the_plan: fold.Plan | None = None) -> dict:
     """Everything ``inspect`` shows, as plain JSON-ready data; ``the_plan`` is
     ``fold.plan(model.graph)``, computed here when not given."""
@@ -22,18 +26,18 @@ def describe(model: Model, the_plan: fold.Plan | None = None) -> dict:
     layers = []
     values = 0
     for layer in g.layers:
+        expected = sh.params.get(layer.name)
+        blob_shapes: list[list] | None
         if layer.blobs:
             blob_shapes = [list(b.shape) for b in layer.blobs]
         else:
-            blob_shapes = None if sh.params.get(layer.name) is None else \
-                [list(s) for s in sh.params[layer.name]]
+            blob_shapes = None if expected is None else [list(s) for s in expected]
         values += sum(math.prod(s) for s in blob_shapes or [])
         layers.append({
             "name": layer.name, "type": layer.type,
             "bottoms": [name(b, b) for b in layer.bottoms],
             "tops": [name(t, t) for t in layer.tops],
-            "output_shapes": [None if sh.blobs.get(t) is None else list(sh.blobs[t])
-                              for t in layer.tops],
+            "output_shapes": [_listed(sh.blobs.get(t)) for t in layer.tops],
             "param_shapes": blob_shapes,
             **({"unknown_fields": layer.unknown_fields} if layer.unknown_fields else {}),
         })

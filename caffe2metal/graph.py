@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass
 class Layer:
@@ -23,8 +21,9 @@ class Layer:
     """The layer's ``*_param`` messages as nested dicts: only fields written in
     the file, repeated fields as lists, enums by name, e.g.
     ``{"convolution_param": {"num_output": 32, "kernel_size": [3]}}``."""
-    blobs: list[np.ndarray] = field(default_factory=list)
-    """Parameter blobs in Caffe's shapes (float32 unless the file held doubles)."""
+    blobs: list = field(default_factory=list)
+    """Parameter blobs in Caffe's shapes (float32 unless the file held doubles): numpy
+    arrays, or after ``fold.apply(lazy=True)`` a producer's ``FoldedWeights``."""
     unknown_fields: list[str] = field(default_factory=list)
     """Fields in the file that our schema does not know (kept verbatim on write)."""
     shared_params: list[str] = field(default_factory=list)

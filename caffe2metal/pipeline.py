@@ -27,6 +27,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import fold
 from .errors import ExportError, ModelFormatError
@@ -139,7 +140,7 @@ class _Progress:
     caffemodel is big and stderr is a terminal."""
 
     def __init__(self, caffemodel, steps: int, enabled: bool | None = None):
-        self.bar = None
+        self.bar: Any = None                    # a tqdm bar (imported only when shown)
         self.step = -1
         try:
             self.size = max(1, os.stat(caffemodel).st_size)

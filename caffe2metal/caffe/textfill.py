@@ -91,7 +91,7 @@ def _scalar_tokens(doc: Document, f: Field):
                              r"|'(?:[^'\\\n]|\\.)*'|[^,\s\]]+", body):
             out.append((m.group(), base + m.start()))
         return out
-    tok = f.value
+    tok = f.value or ""
     if tok[:1] in "\"'":           # adjacent strings: "a" "b"
         return [(" ".join(_STRINGS.findall(text[start:f.end])), start)]
     return [(tok, start)]

@@ -80,7 +80,7 @@ def _tokens(text: str, path: str) -> list[_Token]:
             line, col = doc.position(pos)
             raise ModelFormatError(f"{line}:{col}: unexpected character {text[pos]!r}", file=path)
         if m.lastgroup != "skip":
-            out.append(_Token(m.lastgroup, m.group(), m.start(), m.end()))
+            out.append(_Token(m.lastgroup or "", m.group(), m.start(), m.end()))
         pos = m.end()
     return out
 

@@ -88,7 +88,7 @@ def _prepare_blob(blob, label: str, layer: str, index: int):
 
 def _bytes(array) -> memoryview:
     """The little-endian float32 bytes of ``array`` (no copy when it already is that)."""
-    return memoryview(np.ascontiguousarray(array, "<f4").reshape(-1)).cast("B")
+    return np.ascontiguousarray(array, "<f4").reshape(-1).data.cast("B")
 
 
 
@@ -189,10 +189,10 @@ class _StreamWriter:
             for block in data.row_blocks():
                 self.emit(_bytes(block))
         elif nbytes <= _SMALL_BLOB:            # copied into the frame buffer: fewer writes
-            self.out.extend(memoryview(data).cast("B"))
+            self.out.extend(data.data.cast("B"))
         else:                                  # written straight from the array
             self.flush()
-            raw = memoryview(data).cast("B")
+            raw = data.data.cast("B")
             for start in range(0, nbytes, self.write_chunk):
                 self.emit(raw[start:start + self.write_chunk])
 

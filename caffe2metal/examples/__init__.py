@@ -127,7 +127,7 @@ input_shape { dim: 1 dim: 3 dim: 300 dim: 300 }""")
     sizes = [(60, None, [2]), (105, 150, [2, 3]), (150, 195, [2, 3]), (195, 240, [2, 3]),
              (240, 285, [2, 3]), (285, 300, [2, 3])]
     locs, confs, priors = [], [], []
-    for j, (feat, (mn, mx, ars)) in enumerate(zip(feats, sizes)):
+    for feat, (mn, mx, ars) in zip(feats, sizes, strict=True):
         per_cell = 1 + (mx is not None) + 2 * len(ars)
         head = feat.split("/")[0]
         locs.append(n.head_conv(f"{head}_mbox_loc", feat, per_cell * 4))
@@ -208,9 +208,9 @@ layer {{
 
 def build(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write ``<STEM>.prototxt`` and ``<STEM>.caffemodel`` into ``directory``."""
-    from . import weights as synth
-    from ..net.reader import read_prototxt
     from ..export.caffe import write_merged_caffemodel
+    from ..net.reader import read_prototxt
+    from . import weights as synth
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto = d / f"{STEM}.prototxt"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -121,7 +121,7 @@ def random_inputs(model: Model, seed: int = 1, count: int = 2) -> list[dict[str,
     """``count`` feeds {input name: float32 array} of image-like data in [-1.5, 1.5]."""
     rng = np.random.default_rng(seed)
     g = model.graph
-    shapes = dict(g.inputs)
+    shapes: dict[str, tuple | None] = dict(g.inputs)
     for layer in g.layers:
         if layer.type == "Input":
             shapes.update({t: model.shapes.blobs[t] for t in layer.tops})
@@ -199,7 +199,7 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4,
     """
     import cv2
     g = model.graph
-    bns = [l for l in g.layers if l.type == "BatchNorm" and len(l.blobs) == 3]
+    bns = [layer for layer in g.layers if layer.type == "BatchNorm" and len(layer.blobs) == 3]
     if not bns:
         return
     rng = np.random.default_rng(seed)
@@ -211,8 +211,9 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4,
     feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
     # OpenCV keeps no reference of its own to what it is given: hold this one until the end
     batch_stats_norm = functools.partial(BatchStatsNorm, bns=bns, seen=seen)
-    cv2.dnn_registerLayer("BatchNorm", batch_stats_norm)
-    cv2.dnn_registerLayer("Scale", ChannelScale)
+    # (both are duck-typed OpenCV layers: getMemoryShapes and forward)
+    cv2.dnn_registerLayer("BatchNorm", batch_stats_norm)  # type: ignore[arg-type]
+    cv2.dnn_registerLayer("Scale", ChannelScale)  # type: ignore[arg-type]
     try:
         net = opencv_net(opencv_text(model, drop), caffemodel_bytes(model))
         for name, x in feed.items():

@@ -21,7 +21,6 @@ from ..graph import Graph
 from ..net.reader import Model
 
 
-
 def _quote(name: str) -> str:
     return json.dumps(name)      # a valid protobuf text string for any name
 
@@ -31,36 +30,40 @@ def _line_start(text: str, pos: int) -> int:
     return start if text[start:pos].strip() == "" else pos
 
 
+_LINE_END = re.compile(r"[ \t]*(\r?\n)?")
+
+
 def cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
     """The block plus the whitespace before it on its line and its line end."""
     start = _line_start(text, f.start)
-    m = re.compile(r"[ \t]*(\r?\n)?").match(text, f.end)
-    return start, m.end()
+    m = _LINE_END.match(text, f.end)         # always matches (everything is optional)
+    return start, m.end() if m else f.end
 
 
 def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
     text = model.document.text
     edits: list[tuple[int, int, str]] = []      # (start, end, replacement)
-    index = {l.name: l.index for l in model.graph.layers}
+    index = {layer.name: layer.index for layer in model.graph.layers}
     folded = {index[n] for f in plan.folds for n in f.layers}
     for idx in sorted(folded | set(model.excluded_blocks)):
         s, e = cut_span(text, model.blocks[idx])
         edits.append((s, e, ""))
-    by_name = {l.name: l for l in merged.layers}
+    by_name = {layer.name: layer for layer in merged.layers}
     newline = "\r\n" if "\r\n" in text else "\n"
     for f in plan.folds:
         layer = by_name[f.producer]
         block = model.blocks[layer.index]
         tops = block.get("top")
         new_top = merged.blob_names.get(f.top, f.top)
-        if textproto.unquote(tops[0].value) != new_top:
-            edits.append((tops[0].value_start, tops[0].value_start + len(tops[0].value),
-                          _quote(new_top)))
+        top = tops[0].value or ""
+        if textproto.unquote(top) != new_top:
+            edits.append((tops[0].value_start, tops[0].value_start + len(top), _quote(new_top)))
         key = param_key(layer.type)
         param = block.get(key)[0]
         bias = param.get("bias_term")
         if bias:
-            edits.append((bias[0].value_start, bias[0].value_start + len(bias[0].value), "true"))
+            edits.append((bias[0].value_start, bias[0].value_start + len(bias[0].value or ""),
+                          "true"))
         elif param.children:
             first = param.children[0]
             indent = text[_line_start(text, first.start):first.start]

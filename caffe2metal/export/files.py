@@ -72,7 +72,7 @@ class Writer:
         path = self.dir / file
         if path.parent != self.dir or file in ("", ".", ".."):     # safe_name makes this impossible
             raise ExportError(f"file name {file!r} would leave {self.dir}", layer=owner)
-        spec = {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
+        spec: dict = {"file": f"{METAL_DIR}/{file}", "dtype": dtype, "shape": list(array.shape),
                 "layout": layout}
         digest = self.streams.take(array, path, dtype) if self.streams is not None else None
         if digest is None:                         # (else written while the caffemodel was)
@@ -89,7 +89,7 @@ class Writer:
         blocks = array if isinstance(array, RowBlocks) else (array,)
         self.dir.mkdir(exist_ok=True)
         try:
-            f = open(path, "xb")
+            f = open(path, "xb")       # noqa: SIM115  (closed by the writer thread or below)
         except FileExistsError:
             raise ExportError(f"{path} already exists", layer=owner) from None
         except OSError as e:
@@ -116,7 +116,7 @@ class Writer:
 
 def to_bytes(block, dtype: str) -> memoryview:
     """The bytes of ``block`` as ``dtype`` in C order (no copy when it already is that)."""
-    return memoryview(np.ascontiguousarray(block, dtype=DTYPES[dtype]).reshape(-1)).cast("B")
+    return np.ascontiguousarray(block, dtype=DTYPES[dtype]).reshape(-1).data.cast("B")
 
 
 def finite32(values, owner, checked: bool = False) -> np.ndarray:

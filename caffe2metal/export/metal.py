@@ -93,7 +93,7 @@ class _Export:
         try:
             ssd = describe_ssd(self.model, self.merged, self.writer)
         except NotSSDPriors as e:
-            det = next(l for l in self.merged.layers if l.type == "DetectionOutput")
+            det = next(layer for layer in self.merged.layers if layer.type == "DetectionOutput")
             self.skipped.append({"name": det.name, "type": det.type, "reason": str(e)})
             ssd = None
         if ssd is not None:
@@ -145,7 +145,8 @@ class _Export:
         chain = [self.graph.layer(n) for n in self.kept_first[layer.name].layers]
         why = affine_problem(chain, self.shapes)
         if why:
-            self.skipped.extend({"name": l.name, "type": l.type, "reason": why} for l in chain)
+            self.skipped.extend({"name": layer.name, "type": layer.type, "reason": why}
+                                for layer in chain)
             return
         k, c = chain_affine(self.graph, chain)
         channels = k.size
@@ -156,7 +157,7 @@ class _Export:
         top = chain[-1].tops[0]
         act = self._activation(chain[-1], top)
         self.entries.append(_entry(layer.name, layer.type, geo, wspec, bspec, [],
-                                   [l.name for l in chain], self._blob(chain[0].bottoms[0]),
+                                   [layer.name for layer in chain], self._blob(chain[0].bottoms[0]),
                                    self._blob(top), act))
 
 
@@ -190,7 +191,8 @@ def _activation(layer, top, users, outputs, writer, naming, slopes_done) -> dict
         out["negative_slope"] = json_float(_param(act, "relu_param").get("negative_slope", 0.0),
                                    act.name, "relu_param.negative_slope")
     elif act.type == "ELU":
-        out["alpha"] = json_float(_param(act, "elu_param").get("alpha", 1.0), act.name, "elu_param.alpha")
+        out["alpha"] = json_float(_param(act, "elu_param").get("alpha", 1.0), act.name,
+                                  "elu_param.alpha")
     elif act.type == "Clip":
         p = _param(act, "clip_param")
         out["min"] = json_float(p["min"], act.name, "clip_param.min")

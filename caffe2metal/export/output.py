@@ -38,7 +38,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:                 # Windows: no stale-directory cleanup
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import ExportError
 
@@ -73,10 +73,8 @@ def _signals_held():
     pending: list[int] = []
     old = {}
     for sig in _SIGNALS:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
-        except (ValueError, OSError):
-            pass
     try:
         yield
     finally:
@@ -158,9 +156,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike):
-    out = Path(out).absolute()
+def _check_replaceable(out: Path) -> None:
+    """OUT may be replaced only when it is absent, empty or an earlier output of ours."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ExportError("exists and is not a directory", file=out)
@@ -168,42 +165,68 @@ def atomic_directory(out: str | os.PathLike):
             raise ExportError("exists and is not an earlier caffe2metal output (no manifest.json "
                               "of ours): refusing to replace it; remove it or choose another "
                               "output directory", file=out)
+
+
+def _make_partial(out: Path) -> tuple[Path, int | None]:
+    """The hidden sibling to write into, locked while this run lives (see the module doc).
+    Nothing is left behind when it cannot be made."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"cannot create the output directory: {e.strerror}",
+                          file=out) from None
+    lock = None
+    try:
+        try:
+            lock = _lock(tmp)
+        except OSError:         # no locks on this file system: nothing is
+            lock = None         # cleaned up here either (see remove_abandoned)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 is not what a user expects
+    except OSError as e:
+        if lock is not None:
+            os.close(lock)
+        _remove(tmp)
+        raise ExportError(f"cannot create the output directory: {e.strerror}",
+                          file=out) from None
+    return tmp, lock
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """``tmp`` takes OUT's place; an existing OUT is moved aside first, removed after."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            os.replace(out, old / "out")
+        except BaseException:
+            old.rmdir()
+            raise
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "out", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike):
+    out = Path(out).absolute()
+    _check_replaceable(out)
     tmp = lock = None
     with _sigterm_unwinds():
         try:
             with _signals_held():    # a Ctrl-C arrives once tmp is known, so it is removed
-                try:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    remove_abandoned(out)
-                    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-                    try:
-                        lock = _lock(tmp)
-                    except OSError:         # no locks on this file system: nothing is
-                        lock = None         # cleaned up here either (see remove_abandoned)
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 is not what a user expects
-                except OSError as e:
-                    raise ExportError(f"cannot create the output directory: {e.strerror}",
-                                      file=out) from None
+                tmp, lock = _make_partial(out)
             yield tmp
             with _signals_held():
-                old = None
-                if out.exists() or out.is_symlink():
-                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                    try:
-                        os.replace(out, old / "out")
-                    except BaseException:
-                        old.rmdir()
-                        raise
-                try:
-                    os.replace(tmp, out)
-                except BaseException:
-                    if old is not None:
-                        os.replace(old / "out", out)
-                    raise
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                _swap_in(tmp, out)
         except OSError as e:
             if tmp is not None:
                 _remove(tmp)

@@ -15,42 +15,82 @@ def _param(layer: Layer, key: str) -> dict:
 
 
 def describe_ssd(model, merged: Graph, writer: Writer) -> dict | None:
-    priorboxes = [l for l in merged.layers if l.type == "PriorBox"]
+    """Write ``priors.dat`` and return the manifest's ``ssd`` key (None: no PriorBox)."""
+    priorboxes = [layer for layer in merged.layers if layer.type == "PriorBox"]
     if not priorboxes:
         return None
     shapes = model.shapes.blobs
     producers = merged.producers()
-    detections = [l for l in merged.layers if l.type == "DetectionOutput"]
-    det = detections[0] if detections else None
+    det = next((layer for layer in merged.layers if layer.type == "DetectionOutput"), None)
+    concat, order = _priorbox_order(merged, producers, priorboxes, det)
+    priors, heads, image_size = _priors(order, concat, shapes)
+    num_priors = sum(h["num_priors"] for h in heads)
+    if det is not None:
+        _check_prior_counts(det, num_priors, shapes)
+    spec = writer.write("priors.dat", "priors", priors, "float32",
+                        "[2][num_priors*4]: xmin, ymin, xmax, ymax of every prior, "
+                        "then their variances")
+    loc_concat = conf_concat = None
+    loc_order: list = []
+    conf_order: list = []
+    if det is not None:
+        loc_concat, loc_order = _head_order(producers, det.bottoms[0])
+        conf_concat, conf_order = _head_order(producers, det.bottoms[1])
+        for i, h in enumerate(heads):
+            if len(loc_order) == len(heads):
+                h["loc"] = loc_order[i]
+            if len(conf_order) == len(heads):
+                h["conf"] = conf_order[i]
+    return {"priors": spec, "num_priors": num_priors, "image_size": image_size,
+            "priorbox_concat": None if concat is None else concat.name,
+            "loc_concat": None if loc_concat is None else loc_concat.name,
+            "conf_concat": None if conf_concat is None else conf_concat.name,
+            "loc_order": loc_order, "conf_order": conf_order, "heads": heads,
+            "detection_output": None if det is None else _detection_params(det)}
 
-    def concat_of(blob, member_type=None):
-        layer = producers.get(blob)
-        while layer is not None and layer.type in _PASS_THROUGH and len(layer.bottoms) == 1:
-            layer = producers.get(layer.bottoms[0])
-        if layer is None or layer.type != "Concat":
-            return None
-        if member_type and not all(producers.get(b) is not None and producers[b].type ==
-                                   member_type for b in layer.bottoms):
-            return None
-        return layer
 
-    def head_layer(blob):
-        layer = producers.get(blob)
-        while layer is not None and layer.type in _PASS_THROUGH and len(layer.bottoms) == 1:
-            layer = producers.get(layer.bottoms[0])
-        return None if layer is None else layer.name
+def _source(producers: dict[str, Layer], blob: str) -> Layer | None:
+    """The layer that computed ``blob``, looking through reshapes and softmax."""
+    layer = producers.get(blob)
+    while layer is not None and layer.type in _PASS_THROUGH and len(layer.bottoms) == 1:
+        layer = producers.get(layer.bottoms[0])
+    return layer
 
+
+def _concat_of(producers: dict[str, Layer], blob: str,
+               member_type: str | None = None) -> Layer | None:
+    """The Concat behind ``blob`` (all of whose inputs are ``member_type``, if given)."""
+    layer = _source(producers, blob)
+    if layer is None or layer.type != "Concat":
+        return None
+    if member_type and not _all_of_type(producers, layer, member_type):
+        return None
+    return layer
+
+
+def _all_of_type(producers: dict[str, Layer], layer: Layer, member_type: str) -> bool:
+    return all(producers.get(b) is not None and producers[b].type == member_type
+               for b in layer.bottoms)
+
+
+def _priorbox_order(merged: Graph, producers: dict[str, Layer], priorboxes: list[Layer],
+                    det: Layer | None) -> tuple[Layer | None, list[Layer]]:
+    """The Concat of the PriorBox outputs (if any) and the PriorBox layers in its order."""
     concat = None
     if det is not None and len(det.bottoms) >= 3:
-        concat = concat_of(det.bottoms[2], "PriorBox")
+        concat = _concat_of(producers, det.bottoms[2], "PriorBox")
         if concat is None and producers.get(det.bottoms[2]) in priorboxes:
             priorboxes = [producers[det.bottoms[2]]]
     if concat is None and (det is None or len(priorboxes) > 1):
-        concat = next((l for l in merged.layers if l.type == "Concat" and all(
-            producers.get(b) is not None and producers[b].type == "PriorBox" for b in l.bottoms)),
-            None)
+        concat = next((layer for layer in merged.layers if layer.type == "Concat"
+                       and _all_of_type(producers, layer, "PriorBox")), None)
     order = [producers[b] for b in concat.bottoms] if concat is not None else priorboxes
+    return concat, order
 
+
+def _priors(order: list[Layer], concat: Layer | None,
+            shapes) -> tuple[np.ndarray, list[dict], list | None]:
+    """Caffe's concatenated PriorBox output [2][num_priors*4], the heads, the image size."""
     parts, heads, first = [], [], 0
     image_size = None
     for pb in order:
@@ -79,30 +119,18 @@ def describe_ssd(model, merged: Graph, writer: Writer) -> dict | None:
     except (ValueError, IndexError) as e:
         raise ExportError(f"cannot concatenate the PriorBox outputs on axis {axis}: {e}",
                           layer=None if concat is None else concat.name) from None
-    if det is not None:
-        _check_prior_counts(det, first, shapes)
-    spec = writer.write("priors.dat", "priors", priors, "float32",
-                        "[2][num_priors*4]: xmin, ymin, xmax, ymax of every prior, "
-                        "then their variances")
-    loc_concat = conf_concat = None
-    loc_order = conf_order = []
-    if det is not None:
-        loc_concat, conf_concat = concat_of(det.bottoms[0]), concat_of(det.bottoms[1])
-        loc_order = ([head_layer(b) for b in loc_concat.bottoms] if loc_concat
-                     else [head_layer(det.bottoms[0])])
-        conf_order = ([head_layer(b) for b in conf_concat.bottoms] if conf_concat
-                      else [head_layer(det.bottoms[1])])
-        for i, h in enumerate(heads):
-            if len(loc_order) == len(heads):
-                h["loc"] = loc_order[i]
-            if len(conf_order) == len(heads):
-                h["conf"] = conf_order[i]
-    return {"priors": spec, "num_priors": first, "image_size": image_size,
-            "priorbox_concat": None if concat is None else concat.name,
-            "loc_concat": None if loc_concat is None else loc_concat.name,
-            "conf_concat": None if conf_concat is None else conf_concat.name,
-            "loc_order": loc_order, "conf_order": conf_order, "heads": heads,
-            "detection_output": None if det is None else _detection_params(det)}
+    return priors, heads, image_size
+
+
+def _head_order(producers: dict[str, Layer], blob: str) -> tuple[Layer | None, list]:
+    """The Concat gathering the heads into ``blob`` (or None) and the head layers in order."""
+    concat = _concat_of(producers, blob)
+    sources = concat.bottoms if concat is not None else [blob]
+    return concat, [_name(_source(producers, b)) for b in sources]
+
+
+def _name(layer: Layer | None) -> str | None:
+    return None if layer is None else layer.name
 
 
 _PASS_THROUGH = ("Flatten", "Reshape", "Permute", "Softmax", "Sigmoid")
@@ -139,7 +167,8 @@ def _detection_params(det: Layer) -> dict:
         "num_classes": p.get("num_classes"),
         "share_location": bool(p.get("share_location", True)),
         "background_label_id": int(p.get("background_label_id", 0)),
-        "nms_threshold": json_float(nms.get("nms_threshold", 0.3), det.name, "nms_param.nms_threshold"),
+        "nms_threshold": json_float(nms.get("nms_threshold", 0.3), det.name,
+                                    "nms_param.nms_threshold"),
         "top_k": nms.get("top_k"),
         "eta": json_float(nms.get("eta", 1.0), det.name, "nms_param.eta"),
         "keep_top_k": int(p.get("keep_top_k", -1)),

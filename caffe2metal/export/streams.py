@@ -1,9 +1,11 @@
 """Metal files of lazily folded layers, written from the blocks the merged caffemodel is."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -23,7 +25,7 @@ class _Stream:
         self.path, self.blocks, self.dtype, self.io = path, blocks, dtype, io
         self.rows, self.total = 0, blocks.shape[0]
         self.digest = hashlib.sha256()
-        self.file = None
+        self.file: BinaryIO | None = None
         self.broken = False
 
     def __call__(self, start: int, rows: np.ndarray) -> None:
@@ -32,7 +34,7 @@ class _Stream:
             return
         if self.file is None:
             try:
-                self.file = open(self.path, "xb")
+                self.file = open(self.path, "xb")  # noqa: SIM115  (closed in close())
             except OSError as e:
                 raise ExportError(f"cannot write: {e.strerror}", file=self.path) from None
         data = to_bytes(self.blocks.convert(rows), self.dtype)
@@ -94,10 +96,8 @@ class Streams:
     def __exit__(self, *exc):
         for stream in self.by_source.values():        # never taken: not part of the output
             stream.close()
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(stream.path)
-            except OSError:
-                pass
         self.by_source.clear()
         return False
 

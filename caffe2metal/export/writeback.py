@@ -31,7 +31,8 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from ..errors import ExportError
 

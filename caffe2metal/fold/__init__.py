@@ -44,7 +44,7 @@ from ..errors import GraphError
 from ..graph import Graph, Layer
 from ..layers import registry
 from ..layers.affine import chain_affine, check_finite
-from .plan import Fold, Kept, Plan, out_axis_param, param_key, plan
+from .plan import Fold, Kept, Plan, param_key, plan
 from .weights import BLOCK_BYTES, FoldedWeights, folded_weights
 
 __all__ = ["BLOCK_BYTES", "Fold", "FoldedWeights", "Kept", "Plan", "apply", "chain_affine",
@@ -52,7 +52,7 @@ __all__ = ["BLOCK_BYTES", "Fold", "FoldedWeights", "Kept", "Plan", "apply", "cha
 
 
 def output_channels(layer: Layer) -> int:
-    return registry.producer(layer.type).output_channels(layer)
+    return registry.producer_of(layer.type).output_channels(layer)
 
 
 def _check_producer(graph: Graph, layer: Layer) -> tuple[Layer, int]:
@@ -63,7 +63,7 @@ def _check_producer(graph: Graph, layer: Layer) -> tuple[Layer, int]:
     arithmetic relies on."""
     def bad(msg, blob=None):
         return GraphError(msg, file=graph.source, layer=layer.name, blob=blob)
-    role = registry.producer(layer.type)
+    role = registry.producer_of(layer.type)
     if len(layer.blobs) not in (1, 2):
         raise bad(f"{layer.type} needs 1 or 2 blobs (weights, bias), found {len(layer.blobs)}")
     w = layer.blobs[0]
@@ -90,7 +90,7 @@ def apply(graph: Graph, the_plan: Plan, *, lazy: bool = False) -> Graph:
 
     ``lazy``: the folded weights are :class:`FoldedWeights` (computed as they
     are written, so an overflow is reported then) instead of arrays."""
-    by_name = {l.name: l for l in graph.layers}
+    by_name = {layer.name: layer for layer in graph.layers}
     folded: set[str] = set()
     new_layers: dict[str, Layer] = {}
     for f in the_plan.folds:
@@ -101,7 +101,7 @@ def apply(graph: Graph, the_plan: Plan, *, lazy: bool = False) -> Graph:
         if k.size != channels:
             raise GraphError(f"has {k.size} channels but '{prod.name}' produces {channels}",
                              file=graph.source, layer=chain[0].name)
-        w = folded_weights(graph, prod, k, f.layers)
+        w: np.ndarray | FoldedWeights = folded_weights(graph, prod, k, f.layers)
         if not lazy:
             w = np.asarray(w)
         b = (np.asarray(prod.blobs[1], dtype=np.float64).reshape(-1) if len(prod.blobs) > 1
@@ -116,9 +116,10 @@ def apply(graph: Graph, the_plan: Plan, *, lazy: bool = False) -> Graph:
         params = {**prod.params, key: {**prod.params.get(key, {}), "bias_term": True}}
         new_layers[prod.name] = replace(prod, tops=[f.top], blobs=[w, b], params=params)
         folded.update(f.layers)
-    layers = [new_layers.get(l.name, l) for l in graph.layers if l.name not in folded]
+    layers = [new_layers.get(layer.name, layer) for layer in graph.layers
+              if layer.name not in folded]
     return replace(graph, layers=layers)
 
 
 def count_values(graph: Graph) -> int:
-    return sum(math.prod(b.shape) for l in graph.layers for b in l.blobs)
+    return sum(math.prod(b.shape) for layer in graph.layers for b in layer.blobs)

@@ -79,18 +79,19 @@ def plan(graph: Graph) -> Plan:
             nxt = sole_reader(layer.tops[0], "Scale")
             if nxt is not None and scale_problem(nxt) is None:
                 chain.append(nxt)
-        claimed.update(l.name for l in chain)
-        names = [l.name for l in chain]
+        claimed.update(layer.name for layer in chain)
+        names = [layer.name for layer in chain]
         reason = _chain_problem(graph, chain, producers, users, outputs)
         if not reason and any(seen_names[n] > 1 for n in names):
             reason = "its layer name is used by more than one layer, so weights cannot be matched"
         if not reason and seen_names[producers[layer.bottoms[0]].name] > 1:
             reason = "the producer's layer name is used by more than one layer"
         if not reason:
-            shared = [n for n in producers[layer.bottoms[0]].shared_params if param_users[n] > 1]
-            if shared:
-                reason = (f"the producer shares its parameter '{shared[0]}' with another layer "
-                          "(param { name }), which would get the folded weights too")
+            shared_names = [n for n in producers[layer.bottoms[0]].shared_params
+                            if param_users[n] > 1]
+            if shared_names:
+                reason = (f"the producer shares its parameter '{shared_names[0]}' with another "
+                          "layer (param { name }), which would get the folded weights too")
         if reason:
             result.kept.append(Kept(names, reason))
             continue
@@ -98,7 +99,8 @@ def plan(graph: Graph) -> Plan:
         bn = chain[0] if chain[0].type == "BatchNorm" else None
         result.folds.append(Fold(
             producer=prod.name, layers=names, top=chain[-1].tops[0],
-            eps=None if bn is None else float(bn.params.get("batch_norm_param", {}).get("eps", 1e-5)),
+            eps=None if bn is None else float(
+                bn.params.get("batch_norm_param", {}).get("eps", 1e-5)),
             scale_factor=None if bn is None or len(bn.blobs) < 3 or bn.blobs[2].size != 1
             else float(bn.blobs[2].reshape(-1)[0])))
     return result
@@ -108,7 +110,8 @@ def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
     first = chain[0]
     for layer in chain:
         if layer.unknown_fields:
-            return f"'{layer.name}' has fields our schema does not know: {', '.join(layer.unknown_fields)}"
+            return (f"'{layer.name}' has fields our schema does not know: "
+                    f"{', '.join(layer.unknown_fields)}")
         if len(layer.bottoms) != 1 or len(layer.tops) != 1:
             if layer.type == "Scale":
                 return scale_problem(layer)
@@ -128,7 +131,7 @@ def _chain_problem(graph, chain, producers, users, outputs) -> str | None:
         return f"producer '{prod.name}' has {len(prod.tops)} tops"
     readers = users.get(blob, [])
     if len(readers) != 1 or blob in outputs:
-        others = [l.name for l in readers if l is not first]
+        others = [layer.name for layer in readers if layer is not first]
         return (f"the output of '{prod.name}' is also read by {', '.join(others)}: folding would "
                 "change what they see")
     if out_axis_param(prod).get("axis", 1) != 1:

@@ -8,7 +8,6 @@ from ..errors import GraphError
 from ..graph import Graph, Layer
 from ..layers import registry
 
-
 BLOCK_BYTES = 1 << 21           # folded weights are handed out 2 MiB at a time (see below)
 
 
@@ -95,5 +94,5 @@ class FoldedWeights:
 def folded_weights(graph: Graph, layer: Layer, k: np.ndarray, fold_layers=()) -> FoldedWeights:
     """``layer``'s weights followed by the per-channel factors ``k``, as a FoldedWeights."""
     w = np.asarray(layer.blobs[0])
-    mult = registry.producer(layer.type).multiplier(layer, w, k)
+    mult = registry.producer_of(layer.type).multiplier(layer, w, k)
     return FoldedWeights(w, mult, file=graph.source, layer=layer.name, chain=list(fold_layers))

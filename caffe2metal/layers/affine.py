@@ -82,18 +82,18 @@ def global_stats(layer: Layer) -> bool:
 
 def affine_problem(chain: list[Layer], shapes) -> str | None:
     """Why a kept BatchNorm/Scale chain cannot be one per-channel affine, or None."""
-    for l in chain:
-        if len(l.bottoms) != 1:
-            return f"'{l.name}' multiplies by a second bottom, not by learned weights"
-        if l.type == "BatchNorm" and not global_stats(l):
-            return f"'{l.name}' normalises with each batch's own statistics"
-        if l.type == "Scale" and not _per_channel(l.params.get("scale_param", {})):
-            return f"'{l.name}' does not scale per channel (axis/num_axes)"
-        if l.unknown_fields:
-            return f"'{l.name}' has fields our schema does not know"
+    for layer in chain:
+        if len(layer.bottoms) != 1:
+            return f"'{layer.name}' multiplies by a second bottom, not by learned weights"
+        if layer.type == "BatchNorm" and not global_stats(layer):
+            return f"'{layer.name}' normalises with each batch's own statistics"
+        if layer.type == "Scale" and not _per_channel(layer.params.get("scale_param", {})):
+            return f"'{layer.name}' does not scale per channel (axis/num_axes)"
+        if layer.unknown_fields:
+            return f"'{layer.name}' has fields our schema does not know"
     s = shapes.get(chain[0].bottoms[0])
     channels = None if not s or len(s) < 2 else s[1]
-    sizes = {np.asarray(l.blobs[0]).size for l in chain if l.blobs}
+    sizes = {np.asarray(layer.blobs[0]).size for layer in chain if layer.blobs}
     if channels is not None and sizes - {channels}:
         return f"parameters have {sorted(sizes)} values for {channels} channels"
     return None
@@ -168,14 +168,12 @@ def affine(graph: Graph, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def chain_affine(graph: Graph, layers: list[Layer]) -> tuple[np.ndarray, np.ndarray]:
-    k, c = None, None
-    for layer in layers:
+    """The composition of the affines of ``layers`` (at least one), in order."""
+    k, c = affine(graph, layers[0])
+    for layer in layers[1:]:
         k2, c2 = affine(graph, layer)
-        if k is None:
-            k, c = k2, c2
-        else:
-            if k2.size != k.size:
-                raise GraphError(f"has {k2.size} channels, '{layers[0].name}' has {k.size}",
-                                 file=graph.source, layer=layer.name)
-            k, c = k * k2, c * k2 + c2
+        if k2.size != k.size:
+            raise GraphError(f"has {k2.size} channels, '{layers[0].name}' has {k.size}",
+                             file=graph.source, layer=layer.name)
+        k, c = k * k2, c * k2 + c2
     return k, c

@@ -73,7 +73,8 @@ def _shape(layer: Layer, ins: list):
     if c % group or num_output % group:
         raise ValueError(f"{c} input / {num_output} output channels not divisible by group {group}")
     out = tuple((s + 2 * pd - (d * (k - 1) + 1)) // st + 1 for s, k, st, pd, d in
-                zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"]))
+                zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
+                    strict=True))
     params = [(num_output, c // group) + g["kernel"]]
     if p.get("bias_term", True):
         params.append((num_output,))

@@ -29,7 +29,7 @@ def _shape(layer: Layer, ins: list):
     axis = axis_index(p.get("axis", 1), len(x))
     k = math.prod(x[axis:])
     num_output = p["num_output"]
-    params = [(k, num_output) if p.get("transpose", False) else (num_output, k)]
+    params: list[tuple] = [(k, num_output) if p.get("transpose", False) else (num_output, k)]
     if p.get("bias_term", True):
         params.append((num_output,))
     return [x[:axis] + (num_output,)], params

@@ -62,14 +62,13 @@ Caffe details honoured
 from __future__ import annotations
 
 import math
-from numbers import Real
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 __all__ = ["prior_boxes", "priors_per_cell"]
 
-_Repeated = Union[Real, Sequence[Real], None]
+_Repeated = float | Sequence[float] | None
 
 
 def _as_list(value: _Repeated) -> list[float]:
@@ -109,7 +108,7 @@ def _sizes(min_size: _Repeated, max_size: _Repeated) -> tuple[list[float], list[
         if len(maxs) != len(mins):
             raise ValueError(
                 f"PriorBox: {len(mins)} min_size values but {len(maxs)} max_size values")
-        for lo, hi in zip(mins, maxs):
+        for lo, hi in zip(mins, maxs, strict=True):
             if not hi > lo:
                 raise ValueError(
                     f"PriorBox: max_size {hi} must be greater than min_size {lo}")
@@ -185,10 +184,10 @@ def _steps(feature_hw: tuple[int, int], img_hw: tuple[int, int],
 def priors_per_cell(*, min_size: _Repeated = (), max_size: _Repeated = (),
                     aspect_ratio: _Repeated = (), flip: bool = True,
                     clip: bool = False, variance: _Repeated = (0.1,),
-                    img_size: Real | None = None, img_h: Real | None = None,
-                    img_w: Real | None = None, step: Real | None = None,
-                    step_h: Real | None = None, step_w: Real | None = None,
-                    offset: Real = 0.5) -> int:
+                    img_size: float | None = None, img_h: float | None = None,
+                    img_w: float | None = None, step: float | None = None,
+                    step_h: float | None = None, step_w: float | None = None,
+                    offset: float = 0.5) -> int:
     """Number of priors per feature-map cell for the given ``prior_box_param``.
 
     Takes the same keywords as :func:`prior_boxes`. Only ``min_size``,
@@ -203,10 +202,10 @@ def prior_boxes(feature_hw: tuple[int, int], image_hw: tuple[int, int], *,
                 min_size: _Repeated = (), max_size: _Repeated = (),
                 aspect_ratio: _Repeated = (), flip: bool = True,
                 clip: bool = False, variance: _Repeated = (0.1,),
-                img_size: Real | None = None, img_h: Real | None = None,
-                img_w: Real | None = None, step: Real | None = None,
-                step_h: Real | None = None, step_w: Real | None = None,
-                offset: Real = 0.5) -> np.ndarray:
+                img_size: float | None = None, img_h: float | None = None,
+                img_w: float | None = None, step: float | None = None,
+                step_h: float | None = None, step_w: float | None = None,
+                offset: float = 0.5) -> np.ndarray:
     """Return Caffe's PriorBox top without its batch axis: float32 ``[2, H*W*P*4]``.
 
     ``feature_hw`` is the (height, width) of the first bottom (the feature

@@ -24,8 +24,8 @@ its outputs have unknown shapes, and nothing is guessed about it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -114,6 +114,14 @@ def known() -> frozenset[str]:
 def producer(name: str) -> Producer | None:
     t = _TYPES.get(name)
     return None if t is None else t.producer
+
+
+def producer_of(name: str) -> Producer:
+    """The Producer role of type ``name``, which the caller knows has one."""
+    role = producer(name)
+    if role is None:
+        raise KeyError(f"layer type {name!r} has no producer role")
+    return role
 
 
 def producer_types() -> tuple[str, ...]:

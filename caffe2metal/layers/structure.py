@@ -7,6 +7,7 @@ dimension, one -1 is inferred), Permute, Tile, ArgMax.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from .activations import same_shape
@@ -63,7 +64,7 @@ def _slice(layer, ins):
         if x[axis] % ntop:
             raise ValueError(f"axis size {x[axis]} does not split into {ntop} equal parts")
         bounds = [x[axis] // ntop * i for i in range(ntop + 1)]
-    return [x[:axis] + (b - a,) + x[axis + 1:] for a, b in zip(bounds, bounds[1:])], []
+    return [x[:axis] + (b - a,) + x[axis + 1:] for a, b in itertools.pairwise(bounds)], []
 
 
 @shape_rule("Flatten")

@@ -59,18 +59,18 @@ def _correlate(xp, w, groups, stride, dilation, out_hw):
     ``w`` is [out][kH][kW][in/groups]; loops over the kH*kW kernel positions
     only, each position being one einsum over (groups, in/groups).
     """
-    O, kh, kw, cg = w.shape
+    n_out, kh, kw, cg = w.shape
     C = xp.shape[2]
-    if groups < 1 or C % groups or O % groups:
+    if groups < 1 or C % groups or n_out % groups:
         raise ValueError(
-            f"groups={groups} must divide input channels {C} and output channels {O}")
+            f"groups={groups} must divide input channels {C} and output channels {n_out}")
     if C // groups != cg:
         raise ValueError(
             f"weights expect {cg} channels per group, input has {C} / {groups}")
     (sh, sw), (dh, dw), (Ho, Wo) = stride, dilation, out_hw
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"output size {Ho}x{Wo} is empty")
-    og = O // groups
+    og = n_out // groups
     wg = w.astype(np.float64, copy=False).reshape(groups, og, kh, kw, cg)
     acc = np.zeros((Ho, Wo, groups, og), np.float64)
     for p in range(kh):
@@ -79,7 +79,7 @@ def _correlate(xp, w, groups, stride, dilation, out_hw):
             patch = xp[h0:h0 + sh * (Ho - 1) + 1:sh, w0:w0 + sw * (Wo - 1) + 1:sw]
             patch = patch.reshape(Ho, Wo, groups, cg)
             acc += np.einsum("hwgc,goc->hwgo", patch, wg[:, :, p, q, :])
-    return acc.reshape(Ho, Wo, O)
+    return acc.reshape(Ho, Wo, n_out)
 
 
 def conv2d_nhwc(x, w_mps, bias, *, stride=(1, 1), pad=(0, 0), dilation=(1, 1), groups=1):
@@ -93,13 +93,13 @@ def conv2d_nhwc(x, w_mps, bias, *, stride=(1, 1), pad=(0, 0), dilation=(1, 1), g
     if w.ndim != 4:
         raise ValueError(f"MPS convolution weights must be 4-D, got shape {w.shape}")
     stride, pad, dilation = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
-    O, kh, kw, _ = w.shape
+    n_out, kh, kw, _ = w.shape
     H, Wd, _ = x.shape
     out_hw = (conv_output_size(H, kh, stride[0], pad[0], dilation[0]),
               conv_output_size(Wd, kw, stride[1], pad[1], dilation[1]))
     xp = _pad_hw(x, pad[0], pad[1])
     y = _correlate(xp, w, int(groups), stride, dilation, out_hw)
-    y += _bias(bias, O)
+    y += _bias(bias, n_out)
     return y.astype(np.float32)
 
 
@@ -158,7 +158,7 @@ def conv_transpose_nhwc(x, w_mps_t, bias, *, stride=(1, 1), pad=(0, 0), dilation
     (sh, sw) = _pair(stride, "stride")
     (ph, pw) = _pair(pad, "pad")
     dil = _pair(dilation, "dilation")
-    O, kh, kw, _ = w.shape
+    n_out, kh, kw, _ = w.shape
     H, Wd, C = x.shape
     xz = np.zeros((sh * (H - 1) + 1, sw * (Wd - 1) + 1, C), np.float64)
     xz[::sh, ::sw] = x
@@ -166,7 +166,7 @@ def conv_transpose_nhwc(x, w_mps_t, bias, *, stride=(1, 1), pad=(0, 0), dilation
     out_hw = (deconv_output_size(H, kh, sh, ph, dil[0]),
               deconv_output_size(Wd, kw, sw, pw, dil[1]))
     y = _correlate(xz, w, int(groups), (1, 1), dil, out_hw)
-    y += _bias(bias, O)
+    y += _bias(bias, n_out)
     return y.astype(np.float32)
 
 

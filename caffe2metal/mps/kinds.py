@@ -14,8 +14,8 @@ MPSCNNBatchNormalization or any per-channel multiply-add realises it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -61,10 +61,10 @@ def fc_weights(W, in_chw, transpose=False):
     if len(chw) != 3:
         raise ValueError(f"in_chw must be (C, H, W), got {in_chw!r}")
     C, H, Wd = chw
-    out, K = W.shape
-    if K != C * H * Wd:
+    out, n_in = W.shape
+    if n_in != C * H * Wd:
         raise ValueError(
-            f"InnerProduct weights have K={K} inputs but the bottom is "
+            f"InnerProduct weights have K={n_in} inputs but the bottom is "
             f"{C}x{H}x{Wd} = {C * H * Wd}")
     return np.ascontiguousarray(W.reshape(out, C, H, Wd).transpose(0, 2, 3, 1))
 

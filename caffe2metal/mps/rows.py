@@ -1,7 +1,7 @@
 """Layout conversions a block of rows at a time, for weights too big to copy whole."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -40,7 +40,7 @@ class Model:
     net_unknown_fields: list[str] = field(default_factory=list)
     prototxt: str = ""
     caffemodel: str | None = None
-    shapes: shape_rules.Shapes | None = None
+    shapes: shape_rules.Shapes = field(default_factory=shape_rules.Shapes)
     v1: bool = False
 
 

@@ -29,7 +29,7 @@ def known_types() -> frozenset:
 @dataclass
 class Shapes:
     blobs: dict[str, Shape | None] = field(default_factory=dict)
-    params: dict[str, list | None] = field(default_factory=dict)   # layer name -> expected blob shapes
+    params: dict[str, list | None] = field(default_factory=dict)   # layer -> expected blob shapes
     inputs: dict[str, list] = field(default_factory=dict)          # layer name -> bottom shapes
 
 
@@ -65,7 +65,8 @@ def infer(graph: Graph) -> Shapes:
         out.inputs[layer.name] = ins
         spec = registry.get(layer.type)
         fn = None if spec is None else spec.shape
-        tops, params = [None] * len(layer.tops), None
+        tops: list = [None] * len(layer.tops)
+        params: list | None = None
         if fn is not None and not layer.unknown_fields:
             try:
                 tops, params = fn(layer, ins)
@@ -79,7 +80,7 @@ def infer(graph: Graph) -> Shapes:
             if len(tops) != len(layer.tops):
                 raise GraphError(f"{layer.type} gives {len(tops)} outputs but the layer has "
                                  f"{len(layer.tops)} tops", file=graph.source, layer=layer.name)
-            for top, shape in zip(layer.tops, tops):
+            for top, shape in zip(layer.tops, tops, strict=True):
                 if shape is not None and any(d is not None and d <= 0 for d in shape):
                     raise GraphError(f"output '{graph.blob_names.get(top, top)}' would have "
                                      f"shape {list(shape)}", file=graph.source, layer=layer.name)
@@ -91,6 +92,6 @@ def infer(graph: Graph) -> Shapes:
                     raise GraphError(f"parameter blob {i}: {why}", file=graph.source,
                                      layer=layer.name)
         out.params[layer.name] = params
-        for top, shape in zip(layer.tops, tops):
+        for top, shape in zip(layer.tops, tops, strict=True):
             out.blobs[top] = None if shape is None else tuple(shape)
     return out

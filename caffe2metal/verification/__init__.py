@@ -94,11 +94,12 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     model = read_model(prototxt, caffemodel)
     graph = model.graph
     merged = fold.apply(graph, fold.plan(graph))
-    by_name = {l.name: l for l in merged.layers}
+    by_name = {layer.name: layer for layer in merged.layers}
     feed, described = make_inputs(model, image, seed)
     report = Report(prototxt=str(prototxt), out=str(out), input=described)
 
-    jobs, needed = [], set()
+    jobs: list[tuple[dict, str, str]] = []
+    needed: set[str] = set()
     for entry in _entries(manifest, out):
         name = entry["name"]
         if entry.get("kind") == "channel_affine":
@@ -122,7 +123,7 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     drop = tuple({s["type"] for s in manifest.get("metal", {}).get("skipped", [])
                   if s["type"] == "DetectionOutput"})
     needed.update(_outputs(graph, drop))
-    net = _opencv(opencv_text(model, drop), Path(model.caffemodel))
+    net = _opencv(opencv_text(model, drop), Path(caffemodel))
     values = _forward(graph, net, feed, needed, drop)
     del net
     # OpenCV computes a few layers wrongly (see _second_opinion); what follows such a layer
@@ -165,9 +166,10 @@ def _layer(graph: Graph, name: str, out: Path) -> Layer:
 
 def _outputs(graph: Graph, drop: Collection[str] = ()) -> list[str]:
     """The net's outputs, with the inputs of dropped layers standing in for theirs."""
-    gone = [l for l in graph.layers if l.type in drop]
-    tops = {t for l in gone for t in l.tops}
-    return [b for b in graph.outputs() if b not in tops] + [b for l in gone for b in l.bottoms]
+    gone = [layer for layer in graph.layers if layer.type in drop]
+    tops = {t for layer in gone for t in layer.tops}
+    return ([b for b in graph.outputs() if b not in tops]
+            + [b for layer in gone for b in layer.bottoms])
 
 
 def _end_to_end(model: Model, manifest: dict, out: Path, feed: dict[str, np.ndarray],

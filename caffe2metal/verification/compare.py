@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class ComparisonRow(NamedTuple):
     file: str
     dtype_a: str
     dtype_b: str
-    count: int | None            # value count; None when the files cannot be compared
+    values: int | None           # value count; None when the files cannot be compared
     max_a: float | None          # max |A|
     max_diff: float | None       # max |A - B|
     note: str
@@ -88,9 +89,10 @@ def compare(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> Comparison:
     for name in sorted(set(files_a) & set(files_b)):
         da, db = dtypes_a.get(name, "float32"), dtypes_b.get(name, "float32")
         a, b = _values(files_a[name], da), _values(files_b[name], db)
-        if isinstance(a, str) or isinstance(b, str):
-            result.rows.append(ComparisonRow(name, da, db, None, None, None,
-                                             a if isinstance(a, str) else b))
+        if isinstance(a, str):
+            result.rows.append(ComparisonRow(name, da, db, None, None, None, a))
+        elif isinstance(b, str):
+            result.rows.append(ComparisonRow(name, da, db, None, None, None, b))
         elif a.size != b.size:
             result.rows.append(ComparisonRow(name, da, db, None, None, None,
                                              f"{a.size} values vs {b.size}"))
@@ -103,12 +105,12 @@ def compare(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> Comparison:
 
 def render_comparison(c: Comparison, dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> str:
     head = ("file", "dtype A", "dtype B", "values", "max |A|", "max |A-B|")
-    body = [(r.file, r.dtype_a, r.dtype_b, "-" if r.count is None else str(r.count),
+    body = [(r.file, r.dtype_a, r.dtype_b, "-" if r.values is None else str(r.values),
              "-" if r.max_a is None else f"{r.max_a:.4g}",
              "-" if r.max_diff is None else f"{r.max_diff:.3g}", r.note) for r in c.rows]
     widths = [max([len(head[i])] + [len(v[i]) for v in body]) for i in range(6)]
     lines = [f"A = {dir_a}", f"B = {dir_b}", ""]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip())
     for v in body:
         lines.append("  ".join([v[i].ljust(widths[i]) for i in range(6)] + [v[6]]).rstrip())
     deltas = [r.max_diff for r in c.rows if r.max_diff is not None]

@@ -11,7 +11,7 @@ from ..net.reader import Model
 
 def _net_inputs(model: Model) -> dict[str, tuple | None]:
     g = model.graph
-    shapes = {g.blob_names.get(b, b): s for b, s in g.inputs.items()}
+    shapes: dict[str, tuple | None] = {g.blob_names.get(b, b): s for b, s in g.inputs.items()}
     for layer in g.layers:
         if layer.type == "Input":
             shapes.update({g.blob_names.get(t, t): model.shapes.blobs[t] for t in layer.tops})
@@ -28,7 +28,7 @@ def make_inputs(model: Model, image: str | os.PathLike | None = None,
         if shape is None or any(d is None for d in shape):
             raise Caffe2MetalError(f"input '{name}' has no known shape", file=model.prototxt)
         shape = (1,) + tuple(shape[1:])
-        if not image_used and len(shape) == 4:
+        if image is not None and not image_used and len(shape) == 4:
             feed[name] = _load_image(image, shape)
             described = f"image {image} resized to {shape[3]}x{shape[2]}, BGR, no mean subtraction"
             image_used = True

@@ -112,7 +112,7 @@ def _check_priors(out: Path, ssd: dict, graph: Graph, ref: np.ndarray) -> Row:
     if not sha_ok:
         row.ok, row.note = False, _SHA_NOTE
     boxes = [graph.layer(h["priorbox"]) for h in ssd.get("heads", [])]
-    if any("clip" not in l.params.get("prior_box_param", {}) for l in boxes):
+    if any("clip" not in layer.params.get("prior_box_param", {}) for layer in boxes):
         row.counted = False
         row.note = "not counted: OpenCV clips when 'clip' is unset, Caffe does not"
     return row

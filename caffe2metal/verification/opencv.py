@@ -7,8 +7,9 @@ set of blobs out of one run, mapping the file's layer names onto OpenCV's.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def caffemodel_bytes(model: Model) -> bytes:
     return buf.getvalue()
 
 
-def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
+def opencv_text(model: Model, drop: Collection[str] = ()) -> str:
     """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
     (it would run TRAIN twins of deploy layers) and lacks some fork type names.
     Layers of the types in ``drop`` are left out."""
@@ -45,7 +46,7 @@ def opencv_text(model: Model, drop: tuple[str, ...] = ()) -> str:
             if value in drop:
                 edits.append(cut_span(text, block) + ("",))
             elif registry.opencv_type(value) != value:   # a fork name, same blobs and math
-                edits.append((t.value_start, t.value_start + len(t.value),
+                edits.append((t.value_start, t.value_start + len(t.value or ""),
                               f'"{registry.opencv_type(value)}"'))
     for start, end, new in sorted(edits, reverse=True):
         text = text[:start] + new + text[end:]
@@ -74,7 +75,7 @@ def _opencv(prototxt_text: str, caffemodel: Path) -> cv2.dnn.Net:
 
 
 def _cv_message(e: Exception) -> str:
-    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return lines[-1].split(") ", 1)[-1] if lines else str(e)
 
 
@@ -98,8 +99,8 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net,
             else:
                 pins[(id(layer), i)] = (layer.name if k == 0 else f"{layer.name}_{k}", i)
     have = set(net.getLayerNames())
-    missing = [pins[(id(l), 0)][0] for l in graph.layers if l.type != "Input" and
-               l.type not in drop and l.tops and pins[(id(l), 0)][0] not in have]
+    missing = [pins[(id(layer), 0)][0] for layer in graph.layers if layer.type != "Input" and
+               layer.type not in drop and layer.tops and pins[(id(layer), 0)][0] not in have]
     if missing:
         raise Caffe2MetalError(f"OpenCV's net has no layer {missing[0]!r}: its layer list does not "
                                "match this prototxt", file=graph.source)
@@ -118,7 +119,9 @@ def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs:
     import cv2
     pins = _cv_pins(graph, net, drop)
     producers = graph.producers()
-    where, first, later = {}, [], []
+    where: dict[str, tuple[str, int]] = {}
+    first: list[str] = []
+    later: list[str] = []
     for b in blobs:
         layer = producers.get(b)
         if layer is None or layer.type == "Input":
@@ -139,7 +142,7 @@ def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs:
             raise Caffe2MetalError(f"OpenCV cannot run this model: {_cv_message(e)}",
                                    file=graph.source) from None
 
-    by_layer = dict(zip(first, run(first))) if first else {}
+    by_layer = dict(zip(first, run(first), strict=True)) if first else {}
     early = {n: run([n])[0] for n in later}
     values = {}
     for b in blobs:

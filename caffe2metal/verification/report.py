@@ -92,7 +92,7 @@ def render(report: Report) -> str:
             body.append(vals)
         widths = [max([len(head[i])] + [len(v[i]) for v in body]) for i in range(6)]
         out = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in
-                         enumerate(zip(head, widths))).rstrip()]
+                         enumerate(zip(head, widths, strict=False))).rstrip()]  # (no width: status)
         for v in body:
             out.append("  ".join([v[i].ljust(widths[i]) if i < 3 else v[i].rjust(widths[i])
                                   for i in range(6)] + [v[6]]).rstrip())

@@ -17,31 +17,17 @@ Caffemodel
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..caffe import prototxt, textproto
+from ..caffe import prototxt
 from ..caffe.proto import caffe_pb2
 from ..errors import GraphError, ModelFormatError
 from ..graph import Graph, Layer
 from . import shapes as shape_rules
+from .model import Model
 from .weights import attach_weights
 
 __all__ = ["Model", "read_model", "read_prototxt", "attach_weights"]
-
-
-@dataclass
-class Model:
-    """A net as read from disk: the TEST-phase graph plus what the writers need."""
-    graph: Graph
-    document: textproto.Document          # the prototxt text and its field spans
-    blocks: list[textproto.Field]         # the file's layer blocks, in order
-    excluded: list[str] = field(default_factory=list)   # layers dropped by phase rules
-    excluded_blocks: list[int] = field(default_factory=list)   # their block indices
-    net_unknown_fields: list[str] = field(default_factory=list)
-    prototxt: str = ""
-    caffemodel: str | None = None
-    shapes: shape_rules.Shapes = field(default_factory=shape_rules.Shapes)
-    v1: bool = False
 
 
 def read_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None) -> Model:

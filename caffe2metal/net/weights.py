@@ -8,14 +8,11 @@ layer type expects, and every value must be finite.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from ..arrays import first_nonfinite
 from ..caffe.caffemodel import read_caffemodel
 from ..errors import GraphError, ModelFormatError
-
-if TYPE_CHECKING:
-    from .reader import Model
+from .model import Model
 
 __all__ = ["attach_weights"]
 

@@ -1,0 +1,23 @@
+"""The record of a net read from disk, shared by the reader and the weight attacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..caffe import textproto
+from ..graph import Graph
+from . import shapes as shape_rules
+
+
+@dataclass
+class Model:
+    """A net as read from disk: the TEST-phase graph plus what the writers need."""
+    graph: Graph
+    document: textproto.Document          # the prototxt text and its field spans
+    blocks: list[textproto.Field]         # the file's layer blocks, in order
+    excluded: list[str] = field(default_factory=list)   # layers dropped by phase rules
+    excluded_blocks: list[int] = field(default_factory=list)   # their block indices
+    net_unknown_fields: list[str] = field(default_factory=list)
+    prototxt: str = ""
+    caffemodel: str | None = None
+    shapes: shape_rules.Shapes = field(default_factory=shape_rules.Shapes)
+    v1: bool = False

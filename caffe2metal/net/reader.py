@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 from ..caffe import prototxt
 from ..caffe.proto import caffe_pb2
-from ..errors import GraphError, ModelFormatError
+from ..errors import ModelFormatError
 from ..graph import Graph, Layer
 from . import shapes as shape_rules
 from .model import Model
+from .names import BlobNames
 from .weights import attach_weights
 
 __all__ = ["Model", "read_model", "read_prototxt", "attach_weights"]
@@ -41,7 +42,7 @@ def read_prototxt(path: str | os.PathLike) -> Model:
     """The TEST-phase graph of the prototxt at ``path``, with its shapes inferred."""
     parsed = prototxt.parse_prototxt(str(path))               # 1. text -> NetParameter
     graph = Graph(name=parsed.net.name, source=parsed.path)
-    names = _BlobNames(graph)                                 # 2. blob naming (#k)
+    names = BlobNames(graph, parsed)                          # 2. blob naming (#k)
     _add_inputs(graph, names, parsed)                         # 3. declared inputs
     phase = _split_by_phase(parsed)                           # 4. TEST-phase exclusion
     for idx, msg in phase.kept:                               # 5. layers
@@ -53,31 +54,7 @@ def read_prototxt(path: str | os.PathLike) -> Model:
     return model
 
 
-class _BlobNames:
-    """Unique graph names for the file's blob names: the k-th write of ``x``
-    (k > 0, an in-place layer) is ``x#k``; bottoms read the latest one."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        self.current: dict[str, str] = {}     # file blob name -> unique name of its latest value
-        self.writes: dict[str, int] = {}
-
-    def define(self, name: str) -> str:
-        k = self.writes.get(name, 0)
-        self.writes[name] = k + 1
-        unique = name if k == 0 else f"{name}#{k}"
-        self.current[name] = unique
-        self.graph.blob_names[unique] = name
-        return unique
-
-    def read(self, name: str, path: str, layer: str) -> str:
-        if name not in self.current:
-            raise GraphError(f"bottom '{name}' is not produced by any earlier layer or input",
-                             file=path, layer=layer)
-        return self.current[name]
-
-
-def _add_inputs(graph: Graph, names: _BlobNames, parsed: prototxt.ParsedNet) -> None:
+def _add_inputs(graph: Graph, names: BlobNames, parsed: prototxt.ParsedNet) -> None:
     """The net-level ``input`` blobs, with their declared shapes."""
     for name, shape in prototxt.declared_inputs(parsed.net, parsed.path):
         graph.inputs[names.define(name)] = shape
@@ -103,12 +80,12 @@ def _split_by_phase(parsed: prototxt.ParsedNet) -> _PhaseSplit:
     return split
 
 
-def _layer(msg: caffe_pb2.LayerParameter, idx: int, names: _BlobNames,
+def _layer(msg: caffe_pb2.LayerParameter, idx: int, names: BlobNames,
            parsed: prototxt.ParsedNet) -> Layer:
     """The graph layer for block ``idx``: bottoms resolved, tops named, params checked."""
     path = parsed.path
     bottoms = [names.read(b, path, msg.name) for b in msg.bottom]
-    tops = [names.define(t) for t in msg.top]
+    tops = [names.write(t, msg, j, path) for j, t in enumerate(msg.top)]
     params = prototxt.layer_params(msg)
     if (where := prototxt.nan_field(params)) is not None:
         raise ModelFormatError(f"{where} is NaN, which no layer can compute with",

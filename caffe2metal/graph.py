@@ -38,12 +38,20 @@ class Graph:
     inputs: dict[str, tuple] = field(default_factory=dict)   # unique blob name -> declared shape
     blob_names: dict[str, str] = field(default_factory=dict)  # unique blob name -> name in the file
     source: str = ""               # prototxt path, for messages
+    _index: dict[str, Layer] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _indexed: tuple[list[Layer] | None, int] = field(default=(None, 0), init=False, repr=False,
+                                                     compare=False)
 
     def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        """The first layer called ``name`` (KeyError if none), found through an index
+        rebuilt whenever ``layers`` has been replaced or grown."""
+        indexed, count = self._indexed           # the list itself is held: no id reuse
+        if indexed is not self.layers or count != len(self.layers):
+            index: dict[str, Layer] = {}
+            for layer in self.layers:
+                index.setdefault(layer.name, layer)
+            self._index, self._indexed = index, (self.layers, len(self.layers))
+        return self._index[name]
 
     def producers(self) -> dict[str, Layer]:
         return {top: layer for layer in self.layers for top in layer.tops}

@@ -17,6 +17,7 @@ by ``caffe2metal.net.reader``.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -145,8 +146,10 @@ def _unknown_by_block(unknown: list[tuple[str, textproto.Field]],
     the layer) and those outside every block (net level, full dotted paths)."""
     per_block: dict[int, list[str]] = {}
     net_unknown = []
+    starts = [b.start for b in blocks]          # top-level fields: in order, disjoint
     for dotted, f in unknown:
-        idx = next((i for i, b in enumerate(blocks) if b.start <= f.start < b.end), None)
+        i = bisect.bisect_right(starts, f.start) - 1
+        idx = i if i >= 0 and f.start < blocks[i].end else None
         if idx is None:
             net_unknown.append(dotted)
         else:

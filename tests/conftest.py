@@ -45,7 +45,9 @@ def write_net(tmp_path: Path, text: str, name: str = "net") -> Path:
 
 def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path | None = None,
                  drop: tuple[str, ...] = ()):
-    """Read ``proto``, give it deterministic weights, write them next to it; return (model, path)."""
+    """Read ``proto``, give it deterministic weights, write them next to it.
+
+    Returns (model, path)."""
     model = read_prototxt(proto)
     synth.init_weights(model, seed)
     if calibrate:

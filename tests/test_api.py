@@ -171,8 +171,9 @@ def test_api_functions_are_plain_functions_beside_their_subpackages():
 
 def test_import_is_cheap():
     code = ("import sys, caffe2metal\n"
-            "heavy = [m for m in ('numpy', 'cv2', 'tqdm', 'caffe2metal.api', 'caffe2metal.verification',"
-            " 'caffe2metal.pipeline', 'dataclasses') if m in sys.modules]\n"
+            "heavy = [m for m in ('numpy', 'cv2', 'tqdm', 'caffe2metal.api',"
+            " 'caffe2metal.verification', 'caffe2metal.pipeline', 'dataclasses')"
+            " if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "caffe2metal.Conversion\n"
             "assert 'numpy' not in sys.modules\n")

@@ -18,11 +18,11 @@ import pytest
 from caffe2metal import examples, fold
 from caffe2metal.caffe import caffemodel
 from caffe2metal.caffe.caffemodel import read_caffemodel, write_caffemodel
-from caffe2metal.pipeline import _Progress, convert
 from caffe2metal.errors import ExportError, GraphError
 from caffe2metal.export.writeback import WriteBehind
 from caffe2metal.graph import Graph, Layer
 from caffe2metal.net.reader import read_model
+from caffe2metal.pipeline import _Progress, convert
 from tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_generator_is_deterministic(tmp_path, tiny_vgg):
 def test_vgg_architecture(tiny_vgg):
     model = read_model(*tiny_vgg)
     layers = model.graph.layers
-    types = [l.type for l in layers]
+    types = [layer.type for layer in layers]
     assert types.count("Convolution") == 13
     assert types.count("Pooling") == 5
     assert types.count("InnerProduct") == 3
@@ -58,7 +58,7 @@ def test_vgg_architecture(tiny_vgg):
     fc6 = model.graph.layer("fc6")
     assert fc6.blobs[0].shape == (c.fc, bench._channels(c, 512) * (c.size // 32) ** 2)
     assert model.shapes.blobs[model.graph.layer("prob").tops[0]] == (1, c.classes)
-    for bn in (l for l in layers if l.type == "BatchNorm"):
+    for bn in (layer for layer in layers if layer.type == "BatchNorm"):
         mean_s, var_s, s = bn.blobs
         assert s.shape == (1,) and s[0] == np.float32(bench.BN_SCALE_FACTOR)
         assert (var_s > 0).all() and mean_s.dtype == np.float32
@@ -93,7 +93,7 @@ def test_vgg_converts_and_folds_every_batchnorm(tiny_vgg, tmp_path):
     merged_text = (tmp_path / "out" / m["merged"]["prototxt"]).read_text()
     assert "BatchNorm" not in merged_text and '"Scale"' not in merged_text
     merged = read_caffemodel(tmp_path / "out" / m["merged"]["caffemodel"])
-    assert {l.type for l in merged} == {"Convolution", "InnerProduct"}
+    assert {layer.type for layer in merged} == {"Convolution", "InnerProduct"}
     # fc6 folded with the documented formula (float64, cast once)
     src = read_model(proto, weights).graph
     w, b = (src.layer("fc6").blobs[i].astype(np.float64) for i in (0, 1))
@@ -182,8 +182,8 @@ def _convert_in_fresh_process(proto, out, extra=""):
 def test_convert_does_not_import_opencv_or_tqdm(tiny_vgg, tmp_path):
     p = _convert_in_fresh_process(
         tiny_vgg[0], tmp_path / "out",
-        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verification', 'caffe2metal.examples.weights') "
-        "if m in sys.modules]\nassert not bad, bad")
+        "bad = [m for m in ('cv2', 'tqdm', 'caffe2metal.verification', "
+        "'caffe2metal.examples.weights') if m in sys.modules]\nassert not bad, bad")
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""                          # quiet when stderr is not a terminal
 
@@ -223,8 +223,8 @@ def test_writer_pieces_big_blobs(tmp_path, monkeypatch):
     monkeypatch.setattr(caffemodel, "_WRITE_CHUNK", 100_000)
     blob = np.arange(100_000, dtype=np.float32).reshape(100, 1000)     # 400 kB: not "small"
     seen = []
-    write_caffemodel(tmp_path / "a.caffemodel", [caffemodel.ModelLayer("a", "InnerProduct", [blob])],
-                     progress=seen.append)
+    write_caffemodel(tmp_path / "a.caffemodel",
+                     [caffemodel.ModelLayer("a", "InnerProduct", [blob])], progress=seen.append)
     assert seen.count(100_000) == 4
     got = read_caffemodel(tmp_path / "a.caffemodel")[0].blobs[0]
     np.testing.assert_array_equal(got, blob)
@@ -357,26 +357,27 @@ def test_write_behind_writes_in_order_and_bounds_what_is_queued(tmp_path):
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.parametrize("enabled", [True, False])
 def test_write_behind_reports_a_failed_write_with_its_file(enabled):
-    with pytest.raises(ExportError, match=r"^/dev/full: cannot write: No space left"):
-        with WriteBehind(enabled=enabled) as io:
-            f = open("/dev/full", "wb", buffering=0)
-            try:
-                io.write(f, b"x" * 100_000)
-            finally:
-                io.close_file(f)
-            io.wait()
+    with (pytest.raises(ExportError, match=r"^/dev/full: cannot write: No space left"),
+          WriteBehind(enabled=enabled) as io):
+        # not `with open`: WriteBehind.close_file must close it, and the test checks it did
+        f = open("/dev/full", "wb", buffering=0)  # noqa: SIM115
+        try:
+            io.write(f, b"x" * 100_000)
+        finally:
+            io.close_file(f)
+        io.wait()
     assert f.closed
 
 
 def test_write_behind_drops_queued_writes_when_the_caller_fails(tmp_path):
     path = tmp_path / "f.bin"
-    f = open(path, "wb")
-    with pytest.raises(KeyboardInterrupt):
-        with WriteBehind() as io:
-            for _ in range(200):
-                io.write(f, b"y" * (1 << 20))
-            io.close_file(f)
-            raise KeyboardInterrupt
+    # not `with open`: WriteBehind.close_file must close it, and the test checks it did
+    f = open(path, "wb")  # noqa: SIM115
+    with pytest.raises(KeyboardInterrupt), WriteBehind() as io:
+        for _ in range(200):
+            io.write(f, b"y" * (1 << 20))
+        io.close_file(f)
+        raise KeyboardInterrupt
     assert f.closed and path.stat().st_size < 200 << 20
     assert io._writes.thread is None                           # the worker was joined
 
@@ -408,17 +409,17 @@ def test_a_fold_that_fails_while_streaming_leaves_no_output(tiny_vgg, tmp_path):
     model_dir.mkdir()
     layers = read_caffemodel(weights)
     bad = []
-    for l in layers:
-        blobs = [np.array(b) for b in l.blobs]
-        if l.name == "conv5_3":
+    for layer in layers:
+        blobs = [np.array(b) for b in layer.blobs]
+        if layer.name == "conv5_3":
             blobs[1][:] = 0                 # bias 0, mean 0, beta 0: the folded bias is 0 ...
-        if l.name == "conv5_3/bn":
+        if layer.name == "conv5_3/bn":
             blobs[0][:] = 0
             blobs[1][:] = 0                 # ... but the weights: variance 0 ...
-        if l.name == "conv5_3/scale":
+        if layer.name == "conv5_3/scale":
             blobs[0][:] = 3e38              # ... times a huge gamma: found while streaming
             blobs[1][:] = 0
-        bad.append(caffemodel.ModelLayer(l.name, l.type, blobs))
+        bad.append(caffemodel.ModelLayer(layer.name, layer.type, blobs))
     write_caffemodel(model_dir / "v.caffemodel", bad, net_name=layers.net_name)
     with pytest.raises(Caffe2MetalError, match="layer 'conv5_3', blob 0: folding conv5_3/bn, "
                                                "conv5_3/scale into it gives values beyond"):
@@ -433,9 +434,8 @@ def test_write_behind_restores_the_thread_switch_interval():
         assert sys.getswitchinterval() < before
         io.wait()
     assert sys.getswitchinterval() == before
-    with pytest.raises(RuntimeError):
-        with WriteBehind():
-            raise RuntimeError
+    with pytest.raises(RuntimeError), WriteBehind():
+        raise RuntimeError
     assert sys.getswitchinterval() == before
     with WriteBehind(enabled=False):
         assert sys.getswitchinterval() == before
@@ -446,8 +446,7 @@ def test_write_behind_survives_a_job_that_raises():
         def update(self, data):
             raise TypeError("not hashable today")
 
-    with pytest.raises(TypeError, match="not hashable today"):
-        with WriteBehind() as io:
-            io.hash(Bad(), b"x" * 10)
-            io.wait()                                  # returns (and raises), never hangs
+    with pytest.raises(TypeError, match="not hashable today"), WriteBehind() as io:
+        io.hash(Bad(), b"x" * 10)
+        io.wait()                                  # returns (and raises), never hangs
     assert io._hashes.thread is None

@@ -77,7 +77,7 @@ def layer_msg(name: str, type_: str, blobs=()) -> bytes:
 
 
 def net_msg(*layers: bytes, name: str = "") -> bytes:
-    return (ld(1, name.encode()) if name else b"") + b"".join(ld(100, l) for l in layers)
+    return (ld(1, name.encode()) if name else b"") + b"".join(ld(100, layer) for layer in layers)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -147,10 +147,10 @@ def model_bytes(layers, net_name="") -> bytes:
 
 
 def assert_layers_equal(got, want):
-    assert [(l.name, l.type, len(l.blobs)) for l in got] == \
-           [(l.name, l.type, len(l.blobs)) for l in want]
-    for g, w in zip(got, want):
-        for a, b in zip(g.blobs, w.blobs):
+    assert [(layer.name, layer.type, len(layer.blobs)) for layer in got] == \
+           [(layer.name, layer.type, len(layer.blobs)) for layer in want]
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g.blobs, w.blobs, strict=True):
             b = np.asarray(b, "f4")
             assert a.dtype == np.float32 and a.shape == b.shape
             np.testing.assert_array_equal(bits(a), bits(b))
@@ -182,10 +182,10 @@ def test_writer_bytes_equal_protobuf_serialization():
     # and protobuf parses our output to the same content
     net = caffe_pb2.NetParameter.FromString(ours)
     assert net.name == "sample"
-    assert [l.name for l in net.layer] == [l.name for l in layers]
-    for lp, layer in zip(net.layer, layers):
+    assert [lp.name for lp in net.layer] == [layer.name for layer in layers]
+    for lp, layer in zip(net.layer, layers, strict=True):
         assert lp.type == layer.type
-        for bp, blob in zip(lp.blobs, layer.blobs):
+        for bp, blob in zip(lp.blobs, layer.blobs, strict=True):
             assert tuple(bp.shape.dim) == np.shape(blob)
             got = np.array(bp.data, "f4")          # NaN == NaN here
             np.testing.assert_array_equal(got, np.asarray(blob, "f4").ravel())
@@ -242,7 +242,7 @@ def test_read_protobuf_modern_net_with_legacy_and_double_blobs():
 
     model = parse_caffemodel(net.SerializeToString(), file="modern.caffemodel")
     assert model.net_name == "modern"
-    assert [(l.name, l.type, len(l.blobs)) for l in model] == [
+    assert [(layer.name, layer.type, len(layer.blobs)) for layer in model] == [
         ("conv", "Convolution", 2), ("dbl", "Scale", 1),
         ("legacy", "InnerProduct", 2), ("relu", "ReLU", 0)]
     np.testing.assert_array_equal(model[0].blobs[0], w)
@@ -325,7 +325,8 @@ def test_non_packed_and_chunked_data_match_protobuf():
     np.testing.assert_array_equal(pb_values, v)
 
     model = parse_caffemodel(data)
-    assert [(l.name, l.type) for l in model] == [("late_name", "InnerProduct"), ("dbl", "")]
+    assert [(layer.name, layer.type) for layer in model] == [("late_name", "InnerProduct"),
+                                                              ("dbl", "")]
     got = model[0].blobs[0]
     assert got.shape == (3, 4) and got.flags.c_contiguous
     np.testing.assert_array_equal(got.ravel(), pb_values)
@@ -380,7 +381,7 @@ def test_arrays_outlive_the_model_and_an_overwrite_of_the_file(tmp_path):
     # rewrite the same path while `w` still maps the old file
     write_caffemodel(path, [ModelLayer("other", "ReLU", [np.zeros(3, "f4")])])
     np.testing.assert_array_equal(w, layers[4].blobs[0])
-    assert [l.name for l in read_caffemodel(path)] == ["other"]
+    assert [layer.name for layer in read_caffemodel(path)] == ["other"]
 
 
 def test_duplicate_layer_names_last_wins_like_caffe():
@@ -388,7 +389,7 @@ def test_duplicate_layer_names_last_wins_like_caffe():
     b = ModelLayer("b", "ReLU", [])
     a2 = ModelLayer("a", "Convolution", [np.full(2, 7, "f4")])
     model = parse_caffemodel(model_bytes([a1, b, a2]))
-    assert [l.name for l in model] == ["a", "b", "a"]
+    assert [layer.name for layer in model] == ["a", "b", "a"]
     assert model.duplicate_names() == ["a"]
     np.testing.assert_array_equal(model.by_name()["a"].blobs[0], [7, 7])
 
@@ -474,7 +475,7 @@ def test_truncated_at_several_offsets(tmp_path):
     # never exactly at a top-level boundary (that is a valid, shorter model)
     offsets = [1, 2, 4, name_end + 1, name_end + 2, name_end + 10, 60,
                first_layer_end - 1, first_layer_end + 1, len(data) - 1]
-    assert len(set(offsets)) == len(offsets) and 60 < first_layer_end
+    assert len(set(offsets)) == len(offsets) and first_layer_end > 60
     for cut in offsets:
         err = read_error(tmp_path, data[:cut], name=f"cut{cut}.caffemodel")
         assert "truncated" in err.message, (cut, str(err))

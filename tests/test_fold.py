@@ -12,10 +12,10 @@ import pytest
 
 from caffe2metal import fold
 from caffe2metal.caffe.caffemodel import write_caffemodel
-from caffe2metal.pipeline import convert
 from caffe2metal.examples.weights import init_weights, random_inputs
 from caffe2metal.export.caffe import merged_layers
 from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.pipeline import convert
 from conftest import opencv_run
 
 INPUT = 'input: "data"\ninput_shape { dim: 1 dim: 8 dim: 10 dim: 12 }\n'
@@ -30,7 +30,8 @@ def conv(name, bottom, top=None, out=8, bias=False, extra=""):
 def bn(name, bottom, top=None, eps=None, extra=""):
     fields = ([f"eps: {eps}"] if eps is not None else []) + ([extra] if extra else [])
     p = f" batch_norm_param {{ {' '.join(fields)} }}" if fields else ""
-    return f'layer {{ name: "{name}" type: "BatchNorm" bottom: "{bottom}" top: "{top or bottom}"{p} }}\n'
+    return (f'layer {{ name: "{name}" type: "BatchNorm" bottom: "{bottom}" '
+            f'top: "{top or bottom}"{p} }}\n')
 
 
 def scale(name, bottom, top=None, bias=True, bottoms=()):
@@ -73,7 +74,7 @@ def run_both(tmp_path, model, result, outputs):
     new = opencv_run(out / result.manifest["merged"]["prototxt"],
                      out / result.manifest["merged"]["caffemodel"], feed,
                      [_last_writer(out, result, o) for o in outputs])
-    for name, a, b in zip(outputs, ref, new):
+    for name, a, b in zip(outputs, ref, new, strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max(), err_msg=name)
     return ref
 
@@ -82,14 +83,15 @@ def _last_writer(out, result, layer_name):
     """The merged net's layer that now writes what `layer_name` wrote."""
     merged = read_prototxt(out / result.manifest["merged"]["prototxt"])
     orig = result.model.graph
-    top = orig.blob_names[next(l for l in orig.layers if l.name == layer_name).tops[0]]
-    writers = [l.name for l in merged.graph.layers if top in
-               [merged.graph.blob_names[t] for t in l.tops]]
+    top = orig.blob_names[next(layer for layer in orig.layers if layer.name == layer_name).tops[0]]
+    writers = [layer.name for layer in merged.graph.layers if top in
+               [merged.graph.blob_names[t] for t in layer.tops]]
     return (writers[-1], top)
 
 
 def expected_fold(w, b, chain, eps):
-    """The fold written out plainly: per output channel o, W'[o] = W[o]*k[o], b' = (b-mean)*k+beta."""
+    """The fold written out plainly: per output channel o, W'[o] = W[o]*k[o],
+    b' = (b-mean)*k+beta."""
     mean, var, s = (np.float64(x) for x in chain["bn"][:3]) if "bn" in chain else (0, 1, 1)
     f = 0.0 if s == 0 else 1.0 / s
     k = np.ones(w.shape[0]) if "bn" not in chain else 1.0 / np.sqrt(mean * 0 + var * f + eps)
@@ -102,7 +104,7 @@ def expected_fold(w, b, chain, eps):
 
 
 def _blobs(model, name):
-    return next(l for l in model.graph.layers if l.name == name).blobs
+    return next(layer for layer in model.graph.layers if layer.name == name).blobs
 
 
 def _merged(result):
@@ -120,7 +122,7 @@ def test_eps_and_bias(tmp_path, eps, conv_bias):
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
     assert [f.layers for f in result.plan.folds] == [["c/bn", "c/scale"]]
     merged = _merged(result)
-    assert [l.type for l in merged.graph.layers] == ["Convolution", "ReLU"]
+    assert [layer.type for layer in merged.graph.layers] == ["Convolution", "ReLU"]
     w = _blobs(model, "c")[0]
     b = _blobs(model, "c")[1] if conv_bias else None
     ew, eb = expected_fold(w, b, {"bn": _blobs(model, "c/bn"), "scale": _blobs(model, "c/scale")},
@@ -177,7 +179,7 @@ def test_nvcaffe_five_blob_batchnorm(tmp_path):
     text = INPUT + conv("c", "data") + bn("c/bn", "c")
 
     def five(model):
-        layer = next(l for l in model.graph.layers if l.name == "c/bn")
+        layer = next(x for x in model.graph.layers if x.name == "c/bn")
         rng = np.random.default_rng(5)
         layer.blobs += [rng.uniform(0.5, 2, 8).astype(np.float32),
                         rng.normal(0, 1, 8).astype(np.float32)]
@@ -185,8 +187,8 @@ def test_nvcaffe_five_blob_batchnorm(tmp_path):
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
     merged = _merged(result)
     blobs = _blobs(model, "c/bn")
-    ew, eb = expected_fold(_blobs(model, "c")[0], None, {"bn": blobs, "scale": (blobs[3], blobs[4])},
-                           1e-5)
+    ew, eb = expected_fold(_blobs(model, "c")[0], None,
+                           {"bn": blobs, "scale": (blobs[3], blobs[4])}, 1e-5)
     np.testing.assert_allclose(_blobs(merged, "c")[0], ew, rtol=1e-6)
     np.testing.assert_allclose(_blobs(merged, "c")[1], eb, rtol=1e-6, atol=1e-6)
 
@@ -197,7 +199,7 @@ def test_not_in_place_chain_renames_the_top(tmp_path):
     model = build(tmp_path, text)
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
     merged = _merged(result)
-    c = next(l for l in merged.graph.layers if l.name == "c")
+    c = next(layer for layer in merged.graph.layers if layer.name == "c")
     assert merged.graph.blob_names[c.tops[0]] == "c/bn"
     assert result.manifest["folds"][0]["top"] == "c/bn"
     run_both(tmp_path, model, result, ["r", "d"])
@@ -216,17 +218,21 @@ def test_no_fold_where_results_would_change(tmp_path, case, reason):
     pre = INPUT + conv("a", "data", bias=True) + conv("b", "data", bias=True)
     body = {
         "shared": conv("c", "data") + bn("c/bn", "c", top="c/bn") + scale("c/scale", "c/bn")
-                  + 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" pooling_param { pool: MAX kernel_size: 1 } }\n',
+                  + 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
+                    'pooling_param { pool: MAX kernel_size: 1 } }\n',
         "input": bn("in/bn", "data", top="in/bn") + scale("in/scale", "in/bn"),
         "eltwise": 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "e" }\n'
                    + bn("e/bn", "e") + scale("e/scale", "e"),
         "concat": 'layer { name: "e" type: "Concat" bottom: "a" bottom: "b" top: "e" }\n'
                   + bn("e/bn", "e") + scale("e/scale", "e"),
-        "slice": 'layer { name: "e" type: "Slice" bottom: "a" top: "e" top: "f" slice_param { slice_point: 4 } }\n'
+        "slice": 'layer { name: "e" type: "Slice" bottom: "a" top: "e" top: "f" '
+                 'slice_param { slice_point: 4 } }\n'
                  + bn("e/bn", "e") + scale("e/scale", "e"),
-        "two_bottom_scale": 'layer { name: "g" type: "Pooling" bottom: "b" top: "g" pooling_param { pool: AVE global_pooling: true } }\n'
+        "two_bottom_scale": 'layer { name: "g" type: "Pooling" bottom: "b" top: "g" '
+                            'pooling_param { pool: AVE global_pooling: true } }\n'
                             + scale("e/scale", "a", top="e", bias=False, bottoms=["g"]),
-        "batch_stats": conv("c", "data") + bn("c/bn", "c", extra="use_global_stats: false") + scale("c/scale", "c"),
+        "batch_stats": conv("c", "data") + bn("c/bn", "c", extra="use_global_stats: false")
+                       + scale("c/scale", "c"),
     }[case]
     model = build(tmp_path, pre + body)
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
@@ -235,17 +241,19 @@ def test_no_fold_where_results_would_change(tmp_path, case, reason):
     kept = {n for k in result.plan.kept for n in k.layers}
     merged = _merged(result)
     for name in kept:         # kept layers keep their values bit for bit
-        for x, y in zip(_blobs(model, name), _blobs(merged, name)):
+        for x, y in zip(_blobs(model, name), _blobs(merged, name), strict=True):
             np.testing.assert_array_equal(x, y)
     assert fold.plan(merged.graph).folds == []
     if case != "batch_stats":      # OpenCV always uses the stored statistics
-        outs = [l.name for l in model.graph.layers if l.tops and l.tops[0] in model.graph.outputs()]
+        outs = [layer.name for layer in model.graph.layers
+                if layer.tops and layer.tops[0] in model.graph.outputs()]
         run_both(tmp_path, model, result, outs)
 
 
 @pytest.mark.parametrize("group", [1, 2, 8])
 def test_grouped_and_depthwise_convolution(tmp_path, group):
-    text = INPUT + conv("c", "data", extra=f" group: {group}") + bn("c/bn", "c") + scale("c/s", "c")
+    text = (INPUT + conv("c", "data", extra=f" group: {group}") + bn("c/bn", "c")
+            + scale("c/s", "c"))
     model = build(tmp_path, text)
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
     assert len(result.plan.folds) == 1
@@ -255,8 +263,9 @@ def test_grouped_and_depthwise_convolution(tmp_path, group):
 @pytest.mark.parametrize("group, bias", [(1, True), (2, False), (4, True)])
 def test_deconvolution_output_channels_are_axis_1(tmp_path, group, bias):
     b = "" if bias else " bias_term: false"
-    text = INPUT + (f'layer {{ name: "d" type: "Deconvolution" bottom: "data" top: "d" convolution_param '
-                    f'{{ num_output: 12 kernel_size: 4 stride: 2 pad: 1 group: {group}{b} }} }}\n') \
+    text = INPUT + (f'layer {{ name: "d" type: "Deconvolution" bottom: "data" top: "d" '
+                    f'convolution_param {{ num_output: 12 kernel_size: 4 stride: 2 pad: 1 '
+                    f'group: {group}{b} }} }}\n') \
         + bn("d/bn", "d") + scale("d/s", "d")
     model = build(tmp_path, text)
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
@@ -297,7 +306,7 @@ def test_identity_batchnorm_leaves_weights_bit_equal(tmp_path):
     text = INPUT + conv("c", "data") + bn("c/bn", "c", eps=0)
 
     def identity(model):
-        layer = next(l for l in model.graph.layers if l.name == "c/bn")
+        layer = next(x for x in model.graph.layers if x.name == "c/bn")
         layer.blobs[:3] = [np.zeros(8, np.float32), np.ones(8, np.float32), np.ones(1, np.float32)]
     model = build(tmp_path, text, tweak=identity)
     result = convert(model.prototxt, model.caffemodel, tmp_path / "out", metal=False)
@@ -322,7 +331,7 @@ def test_merged_prototxt_keeps_everything_else_verbatim(tmp_path):
     assert "bias_term: true" in merged_text and "bias_term: false" not in merged_text
     assert "\n" not in merged_text.replace("\r\n", "")       # line endings as written
     reread = read_prototxt(result.out / result.manifest["merged"]["prototxt"])
-    assert [l.type for l in reread.graph.layers] == ["Convolution", "Upsample"]
+    assert [layer.type for layer in reread.graph.layers] == ["Convolution", "Upsample"]
     assert reread.graph.layers[1].unknown_fields == ["some_fork_field"]
 
 

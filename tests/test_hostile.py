@@ -24,10 +24,10 @@ import pytest
 from caffe2metal import cli, examples, fold
 from caffe2metal.caffe import textproto
 from caffe2metal.caffe.caffemodel import ModelLayer, read_caffemodel, write_caffemodel
-from caffe2metal.pipeline import convert
 from caffe2metal.errors import Caffe2MetalError, ExportError, GraphError, ModelFormatError
 from caffe2metal.export.output import atomic_directory
 from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.pipeline import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -533,20 +533,18 @@ def test_write_failure_is_an_export_error_and_leaves_nothing(tmp_path, good, mon
 
 def test_interrupt_while_writing_removes_the_partial_dir(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(out) as tmp:
-            (tmp / "half").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
 
 def test_signals_during_the_swap_are_delivered_after_it(tmp_path):
     from caffe2metal.export import output
-    with pytest.raises(KeyboardInterrupt):
-        with output._signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-            reached = True                       # the interrupt waited for the block to end
+    with pytest.raises(KeyboardInterrupt), output._signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        reached = True                       # the interrupt waited for the block to end
     assert reached
 
 
@@ -724,8 +722,9 @@ def test_cli_subprocess_exit_2_one_line(tmp_path, good, case):
 # ---------------------------------------------------------------- idempotence
 
 def _blobs(path: Path) -> dict[str, list[bytes]]:
-    return {l.name: [np.ascontiguousarray(b).tobytes() + str(b.shape).encode() for b in l.blobs]
-            for l in read_caffemodel(path)}
+    return {layer.name: [np.ascontiguousarray(b).tobytes() + str(b.shape).encode()
+                         for b in layer.blobs]
+            for layer in read_caffemodel(path)}
 
 
 def _metal_files(out: Path) -> dict[str, bytes]:
@@ -817,19 +816,15 @@ def test_small_grouped_conv_does_not_blow_up_when_written_dense(tmp_path):
     w = tmp_path / "g.caffemodel"
     write_caffemodel(w, [ModelLayer("g", "Convolution", [np.ones((2 * n, 1, 1, 1), np.float32),
                                                          np.zeros(2 * n, np.float32)])])
-    with fuzz._memory_limit(1 << 30):
-        try:
-            convert(p, w, tmp_path / "out")
-        except Caffe2MetalError:
-            pass
+    with fuzz._memory_limit(1 << 30), contextlib.suppress(Caffe2MetalError):
+        convert(p, w, tmp_path / "out")
 
 
 def test_caffemodel_from_a_device_is_bounded(tmp_path, good):
     from tools import fuzz
     proto, _ = good
-    with fuzz._memory_limit(1 << 30):
-        with pytest.raises(Caffe2MetalError):
-            read_model(proto, "/dev/zero")
+    with fuzz._memory_limit(1 << 30), pytest.raises(Caffe2MetalError):
+        read_model(proto, "/dev/zero")
 
 
 def test_a_net_without_weights_converts_and_converts_again(tmp_path):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from caffe2metal import fold, layers
-from caffe2metal.pipeline import convert
 from caffe2metal.layers import registry
 from caffe2metal.net.reader import read_prototxt
+from caffe2metal.pipeline import convert
 from caffe2metal.verification import verify
 from conftest import with_weights, write_net
 

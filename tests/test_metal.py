@@ -29,7 +29,6 @@ from jsonschema import Draft202012Validator
 
 from caffe2metal import fold, mps
 from caffe2metal.caffe import textproto
-from caffe2metal.pipeline import convert
 from caffe2metal.errors import ExportError
 from caffe2metal.examples import build as build_example
 from caffe2metal.examples import weights as synth
@@ -37,6 +36,7 @@ from caffe2metal.export import files as metal_files
 from caffe2metal.export import metal
 from caffe2metal.export.caffe import write_merged_caffemodel
 from caffe2metal.net.reader import read_model, read_prototxt
+from caffe2metal.pipeline import convert
 from caffe2metal.verification.opencv import caffemodel_bytes, opencv_net
 from conftest import mark_slow
 
@@ -215,7 +215,7 @@ def check_all_layers(result, model, out, x=None, rtol=RTOL, atol=ATOL):
     x = np.random.default_rng(7).uniform(-1, 1, shape) if x is None else x
     values = ref_forward(model, x)
     merged = fold.apply(graph, fold.plan(graph))
-    by_name = {l.name: l for l in merged.layers}
+    by_name = {layer.name: layer for layer in merged.layers}
     assert result.manifest["layers"], "nothing was exported"
     for e in result.manifest["layers"]:
         if e["kind"] == "channel_affine":
@@ -680,14 +680,18 @@ def test_priors_that_do_not_match_the_heads_are_not_written(tmp_path):
     from conftest import with_weights
     text = '''input: "data"
 input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }
-layer { name: "f" type: "Convolution" bottom: "data" top: "f" convolution_param { num_output: 8 kernel_size: 3 stride: 4 pad: 1 } }
-layer { name: "loc" type: "Convolution" bottom: "f" top: "loc" convolution_param { num_output: LOC kernel_size: 1 } }
+layer { name: "f" type: "Convolution" bottom: "data" top: "f"
+  convolution_param { num_output: 8 kernel_size: 3 stride: 4 pad: 1 } }
+layer { name: "loc" type: "Convolution" bottom: "f" top: "loc"
+  convolution_param { num_output: LOC kernel_size: 1 } }
 layer { name: "loc_flat" type: "Flatten" bottom: "loc" top: "loc_flat" }
-layer { name: "conf" type: "Convolution" bottom: "f" top: "conf" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "conf" type: "Convolution" bottom: "f" top: "conf"
+  convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "conf_flat" type: "Flatten" bottom: "conf" top: "conf_flat" }
 layer { name: "pb" type: "PriorBox" bottom: "f" bottom: "data" top: "pb"
   prior_box_param { min_size: 8 clip: false variance: 0.1 } }
-layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_flat" bottom: "pb" top: "det"
+layer { name: "det" type: "DetectionOutput"
+  bottom: "loc_flat" bottom: "conf_flat" bottom: "pb" top: "det"
   detection_output_param { num_classes: 2 share_location: true background_label_id: 0
     nms_param { nms_threshold: 0.45 top_k: 10 } code_type: CENTER_SIZE keep_top_k: 10 } }
 '''

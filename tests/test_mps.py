@@ -74,8 +74,8 @@ def ref_conv_nchw(x, W, b, stride=1, pad=0, dilation=1, group=1):
     W = np.asarray(W, np.float64)
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
     N, C, H, Wd = x.shape
-    O, cg, kh, kw = W.shape
-    assert C == cg * group and O % group == 0
+    Cout, cg, kh, kw = W.shape
+    assert cg * group == C and Cout % group == 0
     Ho = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     Wo = (Wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     xp = np.zeros((N, C, H + 2 * ph, Wd + 2 * pw))
@@ -86,8 +86,8 @@ def ref_conv_nchw(x, W, b, stride=1, pad=0, dilation=1, group=1):
     col = xp[:, :, rows[:, :, None, None], cols[None, None, :, :]]
     # im2col matrix: [N][group][cg*kH*kW][Ho*Wo]
     col = col.transpose(0, 1, 3, 5, 2, 4).reshape(N, group, cg * kh * kw, Ho * Wo)
-    Wm = W.reshape(group, O // group, cg * kh * kw)
-    y = np.matmul(Wm[None], col).reshape(N, O, Ho, Wo)
+    Wm = W.reshape(group, Cout // group, cg * kh * kw)
+    y = np.matmul(Wm[None], col).reshape(N, Cout, Ho, Wo)
     if b is not None:
         y = y + np.asarray(b, np.float64)[None, :, None, None]
     return y
@@ -103,16 +103,16 @@ def ref_deconv_nchw(x, W, b, stride=1, pad=0, dilation=1, group=1):
     cin, og, kh, kw = W.shape
     assert cin == C and C % group == 0
     cg = C // group
-    O = og * group
+    Cout = og * group
     full_h = sh * (H - 1) + dh * (kh - 1) + 1
     full_w = sw * (Wd - 1) + dw * (kw - 1) + 1
-    full = np.zeros((N, O, full_h, full_w))
+    full = np.zeros((N, Cout, full_h, full_w))
     xg = x.reshape(N, group, cg, H, Wd)
     Wg = W.reshape(group, cg, og, kh, kw)
     for p in range(kh):
         for q in range(kw):
             # column value for (group, out, pixel) at this kernel position
-            contrib = np.einsum("ngchw,gco->ngohw", xg, Wg[:, :, :, p, q]).reshape(N, O, H, Wd)
+            contrib = np.einsum("ngchw,gco->ngohw", xg, Wg[:, :, :, p, q]).reshape(N, Cout, H, Wd)
             full[:, :, p * dh:p * dh + sh * (H - 1) + 1:sh,
                  q * dw:q * dw + sw * (Wd - 1) + 1:sw] += contrib
     Ho, Wo = full_h - 2 * ph, full_w - 2 * pw
@@ -149,7 +149,8 @@ def test_ref_conv_matches_definition_on_tiny_case():
                 for c in range(2):
                     for p in range(2):
                         for q in range(3):
-                            exp[0, o, i, j] += xp[0, g * 2 + c, 2 * i + p, j + 2 * q] * W[o, c, p, q]
+                            exp[0, o, i, j] += (xp[0, g * 2 + c, 2 * i + p, j + 2 * q]
+                                                * W[o, c, p, q])
     _check("ref_conv vs loops (tiny)", y, exp, rtol=1e-12, atol=1e-12)
 
 
@@ -209,7 +210,8 @@ def test_conv(case):
     _check(f"conv {case}", hwc_to_nchw(y), ref)
 
 
-@pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 2), (1, 2))])
+@pytest.mark.parametrize("stride,pad,dil",
+                         [(1, 1, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 2), (1, 2))])
 def test_depthwise(stride, pad, dil):
     C, H, Wd = 8, 11, 10
     rng = np.random.default_rng(20)
@@ -295,7 +297,10 @@ def test_wrong_deconv_layouts_are_detected():
     W = rng.standard_normal((cin, cout // group, k, k)).astype(np.float32)
     ref = ref_deconv_nchw(x, W, None, 2, 1, 1, group)
     xh = nchw_to_hwc(x)
-    run = lambda w: hwc_to_nchw(mps.conv_transpose_nhwc(xh, w, None, stride=2, pad=1, groups=group))
+
+    def run(w):
+        return hwc_to_nchw(mps.conv_transpose_nhwc(xh, w, None, stride=2, pad=1, groups=group))
+
     # correct
     _check("deconv mutation baseline", run(mps.deconv_weights(W, group)), ref)
     cg, og = cin // group, cout // group
@@ -473,7 +478,8 @@ def _caffemodel(layers):
     """NetParameter with field 100 = LayerParameter {1: name, 2: type, 7: blobs}."""
     out = b""
     for name, typ, blobs in layers:
-        lp = _ld(1, name.encode()) + _ld(2, typ.encode()) + b"".join(_ld(7, _blob(b)) for b in blobs)
+        lp = (_ld(1, name.encode()) + _ld(2, typ.encode())
+              + b"".join(_ld(7, _blob(b)) for b in blobs))
         out += _ld(100, lp)
     return out
 
@@ -492,7 +498,8 @@ def _opencv_forward(tmp_path, prototxt, layers, x):
 
 def _input_layer(shape):
     dims = " ".join(f"dim: {d}" for d in shape)
-    return f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}\n'
+    return (f'layer {{ name: "data" type: "Input" top: "data" '
+            f'input_param {{ shape {{ {dims} }} }} }}\n')
 
 
 def test_varint_encoder():
@@ -525,7 +532,8 @@ def test_opencv_conv_nonsquare_kernel(tmp_path):
     b = rng.standard_normal(8).astype(np.float32)
     proto = _input_layer(x.shape) + """layer {
   name: "conv" type: "Convolution" bottom: "data" top: "conv"
-  convolution_param { num_output: 8 kernel_h: 7 kernel_w: 6 stride_h: 2 stride_w: 1 pad_h: 3 pad_w: 2 }
+  convolution_param { num_output: 8 kernel_h: 7 kernel_w: 6
+                      stride_h: 2 stride_w: 1 pad_h: 3 pad_w: 2 }
 }
 """
     got = _opencv_forward(tmp_path, proto, [("conv", "Convolution", [W, b])], x)

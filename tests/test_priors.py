@@ -400,10 +400,7 @@ def read_priorbox_layers(path: Path):
         raw = _balanced_block(body, pmatch.end() - 1)
         params: dict = {}
         for key, value in re.findall(r"\b(\w+)\s*:\s*([^\s{}]+)", raw):
-            if value in ("true", "false"):
-                parsed = value == "true"
-            else:
-                parsed = float(value)
+            parsed = (value == "true") if value in ("true", "false") else float(value)
             if key in _REPEATED:
                 params.setdefault(key, []).append(parsed)
             else:

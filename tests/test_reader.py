@@ -19,13 +19,14 @@ CONV = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
 @pytest.mark.parametrize("header", [
     'input: "data"\ninput_shape { dim: 1 dim: 3 dim: 9 dim: 9 }\n',
     'input: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 9\ninput_dim: 9\n',
-    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 9 dim: 9 } } }\n',
+    'layer { name: "data" type: "Input" top: "data" '
+    'input_param { shape { dim: 1 dim: 3 dim: 9 dim: 9 } } }\n',
 ])
 def test_three_ways_to_declare_the_input(tmp_path, header):
     p = tmp_path / "n.prototxt"
     p.write_text(header + CONV)
     m = read_prototxt(p)
-    conv = next(l for l in m.graph.layers if l.name == "conv")
+    conv = next(layer for layer in m.graph.layers if layer.name == "conv")
     assert m.shapes.blobs[conv.tops[0]] == (1, 4, 4, 4)
     assert m.shapes.params["conv"] == [(4, 3, 3, 3), (4,)]
 
@@ -37,7 +38,7 @@ def test_in_place_tops_get_unique_names(tmp_path):
     conv, relu = g.layers
     assert conv.tops == ["conv"] and relu.bottoms == ["conv"] and relu.tops == ["conv#1"]
     assert g.blob_names["conv#1"] == "conv" and g.outputs() == ["conv#1"]
-    assert [l.name for l in g.consumers()["conv"]] == ["relu"]
+    assert [layer.name for layer in g.consumers()["conv"]] == ["relu"]
 
 
 def test_v1_layers_are_upgraded(tmp_path):
@@ -49,7 +50,8 @@ def test_v1_layers_are_upgraded(tmp_path):
                  'layers { name: "fc" type: INNER_PRODUCT bottom: "conv" top: "fc"\n'
                  '  inner_product_param { num_output: 2 } }\n')
     m = read_prototxt(p)
-    assert m.v1 and [l.type for l in m.graph.layers] == ["Convolution", "ReLU", "InnerProduct"]
+    assert m.v1 and [layer.type for layer in m.graph.layers] == ["Convolution", "ReLU",
+                                                                 "InnerProduct"]
     assert m.shapes.params["fc"] == [(2, 4 * 7 * 7), (2,)]
 
 
@@ -63,7 +65,7 @@ def test_test_phase_filtering(tmp_path):
                  'layer { name: "drop" type: "Dropout" bottom: "data" top: "data"\n'
                  '  exclude { phase: TEST } }\n')
     m = read_prototxt(p)
-    assert [l.name for l in m.graph.layers] == ["bn"]
+    assert [layer.name for layer in m.graph.layers] == ["bn"]
     assert m.graph.layers[0].params["batch_norm_param"]["use_global_stats"] is True
     assert m.excluded == ["bn", "drop"]
 
@@ -98,9 +100,12 @@ def test_crlf_and_missing_trailing_newline(tmp_path, newline, trailing):
 def test_pooling_rounding_and_pad_clipping(tmp_path):
     p = tmp_path / "n.prototxt"
     p.write_text('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 10 dim: 10 }\n'
-                 'layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
-                 'layer { name: "q" type: "Pooling" bottom: "data" top: "q" pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }\n'
-                 'layer { name: "g" type: "Pooling" bottom: "data" top: "g" pooling_param { pool: AVE global_pooling: true } }\n')
+                 'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+                 'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
+                 'layer { name: "q" type: "Pooling" bottom: "data" top: "q" '
+                 'pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }\n'
+                 'layer { name: "g" type: "Pooling" bottom: "data" top: "g" '
+                 'pooling_param { pool: AVE global_pooling: true } }\n')
     s = read_prototxt(p).shapes.blobs
     assert s["p"] == (1, 3, 5, 5)      # ceil((10-3)/2)+1 = 5 (floor would give 4)
     assert s["q"] == (1, 3, 6, 6)      # ceil((10+2-2)/2)+1 = 6; (6-1)*2 = 10 < 10+1 keeps it
@@ -134,7 +139,8 @@ def _assert_clean_error(run, *needles):
 
 
 def test_error_missing_file(tmp_path):
-    _assert_clean_error(_cli("inspect", tmp_path / "nope.prototxt"), "nope.prototxt", "no such file")
+    _assert_clean_error(_cli("inspect", tmp_path / "nope.prototxt"), "nope.prototxt",
+                        "no such file")
 
 
 def test_error_files_swapped(tmp_path):

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from caffe2metal import fold
-from caffe2metal.pipeline import convert
 from caffe2metal.examples import weights as synth
 from caffe2metal.net.reader import read_model
+from caffe2metal.pipeline import convert
 from caffe2metal.verification.opencv import opencv_text
 from conftest import mark_slow, model_id, real_models, with_weights
 
@@ -94,7 +94,8 @@ RUNNABLE = [p for p in MODELS if model_id(p) not in NOT_IN_OPENCV]
 def _opencv_input_shapes(model):
     g = model.graph
     shapes = [tuple(s) for s in g.inputs.values()]
-    shapes += [tuple(model.shapes.blobs[t]) for l in g.layers if l.type == "Input" for t in l.tops]
+    shapes += [tuple(model.shapes.blobs[t])
+               for layer in g.layers if layer.type == "Input" for t in layer.tops]
     return shapes
 
 
@@ -110,16 +111,17 @@ def test_shapes_equal_opencv(path, tmp_path):
     for layer in model.graph.layers:
         by_name.setdefault(layer.name, layer)
     compared = 0
-    for lid, out in zip(ids, outs):
+    for lid, out in zip(ids, outs, strict=True):
         layer = by_name.get(net.getLayer(int(lid)).name)
         if layer is None:
             continue
-        for top, theirs in zip(layer.tops, out):
+        # OpenCV's output count for a layer need not be the number of tops we see
+        for top, theirs in zip(layer.tops, out, strict=False):
             ours = model.shapes.blobs[top]
             theirs = tuple(int(v) for v in np.array(theirs).reshape(-1))
             assert ours is not None, f"{layer.name}: we found no shape, OpenCV says {theirs}"
             assert len(ours) == len(theirs) and all(
-                a is None or a == b for a, b in zip(ours, theirs)), \
+                a is None or a == b for a, b in zip(ours, theirs, strict=True)), \
                 f"{layer.name} ({layer.type}): ours {ours}, OpenCV {theirs}"
             compared += 1
     assert compared >= len(model.graph.layers) * 0.9
@@ -127,9 +129,9 @@ def test_shapes_equal_opencv(path, tmp_path):
 
 def _compared_outputs(graph):
     """Unique blob names to compare: DetectionOutput inputs, else the net outputs."""
-    det = [l for l in graph.layers if l.type == "DetectionOutput"]
+    det = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
     if det:
-        return [b for l in det for b in l.bottoms]
+        return [b for layer in det for b in layer.bottoms]
     return graph.outputs()
 
 
@@ -142,7 +144,7 @@ def test_merged_model_computes_the_same(path, tmp_path):
     # nothing foldable is left, and everything kept has a reason
     assert fold.plan(merged.graph).folds == []
     kept = {n for k in result.plan.kept for n in k.layers}
-    left = {l.name for l in merged.graph.layers if l.type in ("BatchNorm", "Scale")}
+    left = {layer.name for layer in merged.graph.layers if layer.type in ("BatchNorm", "Scale")}
     assert left == kept
     assert len(merged.graph.layers) == len(model.graph.layers) - sum(
         len(f.layers) for f in result.plan.folds)
@@ -152,13 +154,14 @@ def test_merged_model_computes_the_same(path, tmp_path):
     blobs = _compared_outputs(model.graph)
     names = model.graph.blob_names
     ref_layers = [(model.graph.producers()[b].name, names[b]) for b in blobs]
-    last_writer = {merged.graph.blob_names[t]: l.name for l in merged.graph.layers for t in l.tops}
+    last_writer = {merged.graph.blob_names[t]: layer.name
+                   for layer in merged.graph.layers for t in layer.tops}
     new_layers = [(last_writer[names[b]], names[b]) for b in blobs]
     feed = synth.random_inputs(model, seed=7, count=1)[0]
     from conftest import opencv_run
     ref = opencv_run(ref_proto, weights, feed, ref_layers)
     new = opencv_run(new_proto, merged.caffemodel, feed, new_layers)
-    for blob, a, b in zip(blobs, ref, new):
+    for blob, a, b in zip(blobs, ref, new, strict=True):
         scale = np.abs(a).max()
         assert np.isfinite(a).all() and scale > 0, f"{names[blob]}: reference is degenerate"
         rel = np.abs(a - b).max() / scale

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from caffe2metal.cli import main
-from caffe2metal.pipeline import convert
 from caffe2metal.examples import build as build_example
+from caffe2metal.pipeline import convert
 from caffe2metal.verification import TOLERANCE, compare, verify
 from conftest import mark_slow
 from test_metal import CASES, FC_NET, FOLD_NET, conv, net_text, verify_real_architecture, write_net
@@ -215,7 +215,7 @@ def test_compare(example, tmp_path, capsys):
     code, out, _ = run(capsys, "compare", outs["float32"] / "metal", tmp_path / "bad",
                        "--atol", "0")
     assert code == 1
-    row = next(l for l in out.splitlines() if l.startswith("weights_conv5.dat"))
+    row = next(line for line in out.splitlines() if line.startswith("weights_conv5.dat"))
     assert "0.25" in row
     code, _, _ = run(capsys, "compare", outs["float32"], outs["float32"], "--atol", "0")
     assert code == 0

@@ -230,10 +230,10 @@ def mobilenet_source() -> tuple[str, str]:
 
 def write_mobilenet(directory, text: str, name: str = "mobilenet_ssd",
                     seed: int = 0) -> tuple[Path, Path]:
-    from caffe2metal.examples import weights as synth
     from caffe2metal.caffe.caffemodel import write_caffemodel
-    from caffe2metal.net.reader import read_prototxt
+    from caffe2metal.examples import weights as synth
     from caffe2metal.export.caffe import merged_layers
+    from caffe2metal.net.reader import read_prototxt
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto, weights = d / f"{name}.prototxt", d / f"{name}.caffemodel"
@@ -497,7 +497,8 @@ def render_text(rows: list[Row]) -> str:
     head = ("figure", "value", "target", "ratio", "")
     table = [head] + [(r.figure, r.value, r.target, _ratio(r), _verdict(r)) for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip()
+             for t in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -507,7 +508,8 @@ def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
@@ -526,7 +528,8 @@ def details(info: dict) -> list[str]:
         f"({info['mobilenet_source']}){load}.",
         "Timed runs, wall s (cpu s): I/O floor "
         + ", ".join(f"{t:.3f}" for t in info["floor_io"])
-        + f" (I/O alone; its processes {runs(info['floor'])}); VGG16-BN {runs(info['vgg'])}, peak RSS "
+        + f" (I/O alone; its processes {runs(info['floor'])}); "
+        f"VGG16-BN {runs(info['vgg'])}, peak RSS "
         + ", ".join(f"{r / mb:.0f}" for *_, r in info["vgg"]) + " MiB; VGG16-BN with sha256 "
         f"as a no-op {runs(info.get('vgg_no_sha256', []))}; MobileNet-SSD "
         f"{runs(info['mobilenet'])}.",

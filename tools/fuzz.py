@@ -37,8 +37,8 @@ uncaught exception, a run longer than the time limit (a hang), a
 ``MemoryError`` under the address-space limit (unbounded memory), a file
 written outside OUT, a partial OUT left behind after an error, a thread left
 running, an OUT that lacks its manifest after a success, or an input that
-``inspect`` rejects but ``convert`` accepts (both read it the same way).  Failing inputs are saved to the
-crash directory as ``<id>.prototxt``, ``<id>.caffemodel`` and ``<id>.txt``
+``inspect`` rejects but ``convert`` accepts (both read it the same way).  Failing
+inputs are saved to the crash directory as ``<id>.prototxt``, ``<id>.caffemodel`` and ``<id>.txt``
 (what went wrong, with the traceback).
 """
 from __future__ import annotations
@@ -133,8 +133,8 @@ class Seed:
 def _synth_weights(text: str | bytes, seed: int = 0,
                    max_params: int = MAX_SEED_PARAMS) -> bytes | None:
     """Deterministic weights for ``text`` (no calibration), or None if too big or unreadable."""
-    from caffe2metal.examples import weights as synth
     from caffe2metal.errors import Caffe2MetalError
+    from caffe2metal.examples import weights as synth
     from caffe2metal.net.reader import read_prototxt
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "seed.prototxt"
@@ -165,7 +165,7 @@ def _synth_weights(text: str | bytes, seed: int = 0,
     return synth.caffemodel_bytes(model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def corpus(models_dir: str | None = None, real: bool = True) -> tuple[Seed, ...]:
     """The seed nets: built-in ones first, then ``models_dir`` (default ../shared/models)."""
     from caffe2metal import examples
@@ -226,6 +226,57 @@ def _quote(s: str) -> str:
     return '"' + s + '"'
 
 
+def _structural_edit(rnd: random.Random, toks: list[str], i: int, op: int) -> None:
+    """Ops 0-2, 7, 9-11 of ``mutate_prototxt``: move, copy or drop tokens (in place)."""
+    n = len(toks)
+    if op == 0:                                            # delete a token
+        del toks[i]
+    elif op == 1:                                          # duplicate a token
+        toks.insert(i, toks[i])
+    elif op == 2:                                          # swap two tokens
+        j = rnd.randrange(n)
+        toks[i], toks[j] = toks[j], toks[i]
+    elif op == 7:                                          # stray punctuation
+        toks.insert(i, rnd.choice(_PUNCT))
+    elif op == 9:                                          # copy a span elsewhere
+        a = rnd.randrange(n)
+        b = min(n, a + rnd.randrange(1, 200))
+        toks[i:i] = toks[a:b]
+    elif op == 10:                                         # delete a span
+        del toks[i:i + rnd.randrange(1, 100)]
+    elif op == 11:                                         # truncate
+        del toks[i:]
+
+
+def _content_edit(rnd: random.Random, toks: list[str], i: int, op: int, seeds) -> None:
+    """Ops 3-6, 8, 12 of ``mutate_prototxt``: replace numbers, strings, words (in place)."""
+    if op in (3, 4):                                       # a number -> interesting number
+        nums = [k for k, t in enumerate(toks) if _NUMBER.match(t)]
+        if nums:
+            k = rnd.choice(nums)
+            toks[k] = rnd.choice(INTERESTING_NUMBERS)
+    elif op == 5:                                          # a string -> hostile name
+        strs = [k for k, t in enumerate(toks) if t[:1] == '"']
+        if strs:
+            toks[rnd.choice(strs)] = _quote(rnd.choice(HOSTILE_NAMES))
+    elif op == 6:                                          # a type -> another type
+        strs = [k for k, t in enumerate(toks) if t[:1] == '"']
+        if strs:
+            toks[rnd.choice(strs)] = _quote(rnd.choice(SPECIAL_TYPES))
+    elif op == 8:                                          # a word -> another word of the file
+        words = [t for t in toks if t[:1].isalpha()]
+        if words:
+            toks[i] = rnd.choice(words)
+    elif op == 12 and seeds:                               # a span from another seed
+        other = _TOKENS.findall(rnd.choice(seeds).prototxt.decode("utf-8"))
+        a = rnd.randrange(max(1, len(other)))
+        toks[i:i] = other[a:a + rnd.randrange(1, 300)]
+
+
+_STRUCTURAL_OPS = (0, 1, 2, 7, 9, 10, 11)
+_CONTENT_OPS = (3, 4, 5, 6, 8, 12)
+
+
 def mutate_prototxt(rnd: random.Random, text: str, seeds=()) -> bytes:
     """A few random token-level edits of ``text`` (returned as bytes, maybe not UTF-8)."""
     toks = _TOKENS.findall(text)
@@ -233,48 +284,12 @@ def mutate_prototxt(rnd: random.Random, text: str, seeds=()) -> bytes:
         toks = [""]
     raw_tail = b""
     for _ in range(rnd.choice([1, 1, 1, 2, 2, 3, 5, 8])):
-        n = len(toks)
-        i = rnd.randrange(n)
+        i = rnd.randrange(len(toks))
         op = rnd.randrange(14)
-        if op == 0:                                        # delete a token
-            del toks[i]
-        elif op == 1:                                      # duplicate a token
-            toks.insert(i, toks[i])
-        elif op == 2:                                      # swap two tokens
-            j = rnd.randrange(n)
-            toks[i], toks[j] = toks[j], toks[i]
-        elif op in (3, 4):                                 # a number -> interesting number
-            nums = [k for k, t in enumerate(toks) if _NUMBER.match(t)]
-            if nums:
-                k = rnd.choice(nums)
-                toks[k] = rnd.choice(INTERESTING_NUMBERS)
-        elif op == 5:                                      # a string -> hostile name
-            strs = [k for k, t in enumerate(toks) if t[:1] == '"']
-            if strs:
-                toks[rnd.choice(strs)] = _quote(rnd.choice(HOSTILE_NAMES))
-        elif op == 6:                                      # a type -> another type
-            strs = [k for k, t in enumerate(toks) if t[:1] == '"']
-            if strs:
-                toks[rnd.choice(strs)] = _quote(rnd.choice(SPECIAL_TYPES))
-        elif op == 7:                                      # stray punctuation
-            toks.insert(i, rnd.choice(_PUNCT))
-        elif op == 8:                                      # a word -> another word of the file
-            words = [t for t in toks if t[:1].isalpha()]
-            if words:
-                toks[i] = rnd.choice(words)
-        elif op == 9:                                      # copy a span elsewhere
-            a = rnd.randrange(n)
-            b = min(n, a + rnd.randrange(1, 200))
-            toks[i:i] = toks[a:b]
-        elif op == 10:                                     # delete a span
-            del toks[i:i + rnd.randrange(1, 100)]
-        elif op == 11:                                     # truncate
-            del toks[i:]
-        elif op == 12:                                     # a span from another seed
-            if seeds:
-                other = _TOKENS.findall(rnd.choice(seeds).prototxt.decode("utf-8"))
-                a = rnd.randrange(max(1, len(other)))
-                toks[i:i] = other[a:a + rnd.randrange(1, 300)]
+        if op in _STRUCTURAL_OPS:
+            _structural_edit(rnd, toks, i, op)
+        elif op in _CONTENT_OPS:
+            _content_edit(rnd, toks, i, op, seeds)
         else:                                              # a stray byte
             raw_tail = bytes([rnd.randrange(256)])
             toks.insert(i, "\x00RAW\x00")
@@ -282,7 +297,6 @@ def mutate_prototxt(rnd: random.Random, text: str, seeds=()) -> bytes:
             toks = [""]
     data = "".join(toks).encode("utf-8", "surrogatepass")
     return data.replace(b"\x00RAW\x00", raw_tail)
-
 
 PLAUSIBLE_NUMBERS = ["0", "1", "2", "3", "4", "5", "7", "8", "16", "-1", "-2", "1000", "0.5",
                      "nan", "inf", "1e-5", "0", "2147483647", "65536"]
@@ -311,6 +325,58 @@ LAYER_SNIPPETS = [
 ]
 
 
+def _edit_fields(rnd: random.Random, text: str, op: int) -> str:
+    """Ops 0-4 of ``mutate_semantics``: change numbers, types, names, bottoms, params."""
+    if op == 0:                                      # a number -> another plausible one
+        nums = list(re.finditer(r"(?<=[:\s])-?\d+(\.\d+)?(e-?\d+)?(?=\s)", text))
+        if nums:
+            m = rnd.choice(nums)
+            text = text[:m.start()] + rnd.choice(PLAUSIBLE_NUMBERS) + text[m.end():]
+    elif op == 1:                                    # a layer type -> another
+        types = list(re.finditer(r'type:\s*"[^"]*"', text))
+        if types:
+            m = rnd.choice(types)
+            text = text[:m.start()] + f'type: "{rnd.choice(SPECIAL_TYPES)}"' + text[m.end():]
+    elif op == 2:                                    # rename a name everywhere (consistently)
+        names = sorted(set(re.findall(r'(?:name|top|bottom|input):\s*"([^"\\]*)"', text)))
+        if names:
+            old = rnd.choice(names)
+            new = rnd.choice(HOSTILE_NAMES)
+            text = re.sub(r'"' + re.escape(old) + r'"', lambda m: f'"{new}"', text)
+    elif op == 3:                                    # rewire a bottom
+        bottoms = list(re.finditer(r'bottom:\s*"([^"]*)"', text))
+        tops = re.findall(r'top:\s*"([^"]*)"', text)
+        if bottoms and tops:
+            m = rnd.choice(bottoms)
+            text = text[:m.start()] + f'bottom: "{rnd.choice(tops)}"' + text[m.end():]
+    elif op == 4:                                    # add a field to a param block
+        key = rnd.choice(sorted(EXTRA_FIELDS))
+        spots = [m.end() for m in re.finditer(re.escape(key) + r"\s*\{", text)]
+        if spots:
+            at = rnd.choice(spots)
+            text = text[:at] + " " + rnd.choice(EXTRA_FIELDS[key]) + " " + text[at:]
+    return text
+
+
+def _edit_layers(rnd: random.Random, text: str, op: int, blocks: list) -> str:
+    """Ops 5-8 of ``mutate_semantics``: delete, duplicate, swap or extend layer blocks."""
+    if op == 5 and blocks:                           # delete a layer
+        b = rnd.choice(blocks)
+        text = text[:b.start] + text[b.end:]
+    elif op == 6 and blocks:                         # duplicate a layer
+        b = rnd.choice(blocks)
+        text = text[:b.end] + "\n" + text[b.start:b.end] + text[b.end:]
+    elif op == 7 and len(blocks) > 1:                # swap two layers
+        a, b = sorted(rnd.sample(blocks, 2), key=lambda f: f.start)
+        text = (text[:a.start] + text[b.start:b.end] + text[a.end:b.start]
+                + text[a.start:a.end] + text[b.end:])
+    elif op == 8 and blocks:                         # add a field to a layer
+        b = rnd.choice(blocks)
+        at = b.end - 1 if text[b.end - 1:b.end] in "}>" else b.end
+        text = text[:at] + " " + rnd.choice(LAYER_SNIPPETS) + " " + text[at:]
+    return text
+
+
 def mutate_semantics(rnd: random.Random, text: str) -> bytes:
     """Edits that keep the syntax: numbers, types, renamed or rewired blobs, added
     fields, layers deleted, duplicated or swapped."""
@@ -323,50 +389,9 @@ def mutate_semantics(rnd: random.Random, text: str) -> bytes:
             break
         blocks = [f for f in doc.fields if f.name in ("layer", "layers")]
         op = rnd.randrange(9)
-        if op == 0:                                  # a number -> another plausible one
-            nums = list(re.finditer(r"(?<=[:\s])-?\d+(\.\d+)?(e-?\d+)?(?=\s)", text))
-            if nums:
-                m = rnd.choice(nums)
-                text = text[:m.start()] + rnd.choice(PLAUSIBLE_NUMBERS) + text[m.end():]
-        elif op == 1:                                # a layer type -> another
-            types = list(re.finditer(r'type:\s*"[^"]*"', text))
-            if types:
-                m = rnd.choice(types)
-                text = text[:m.start()] + f'type: "{rnd.choice(SPECIAL_TYPES)}"' + text[m.end():]
-        elif op == 2:                                # rename a name everywhere (consistently)
-            names = sorted(set(re.findall(r'(?:name|top|bottom|input):\s*"([^"\\]*)"', text)))
-            if names:
-                old = rnd.choice(names)
-                new = rnd.choice(HOSTILE_NAMES)
-                text = re.sub(r'"' + re.escape(old) + r'"', lambda m: f'"{new}"', text)
-        elif op == 3:                                # rewire a bottom
-            bottoms = list(re.finditer(r'bottom:\s*"([^"]*)"', text))
-            tops = re.findall(r'top:\s*"([^"]*)"', text)
-            if bottoms and tops:
-                m = rnd.choice(bottoms)
-                text = text[:m.start()] + f'bottom: "{rnd.choice(tops)}"' + text[m.end():]
-        elif op == 4:                                # add a field to a param block
-            key = rnd.choice(sorted(EXTRA_FIELDS))
-            spots = [m.end() for m in re.finditer(re.escape(key) + r"\s*\{", text)]
-            if spots:
-                at = rnd.choice(spots)
-                text = text[:at] + " " + rnd.choice(EXTRA_FIELDS[key]) + " " + text[at:]
-        elif op == 5 and blocks:                     # delete a layer
-            b = rnd.choice(blocks)
-            text = text[:b.start] + text[b.end:]
-        elif op == 6 and blocks:                     # duplicate a layer
-            b = rnd.choice(blocks)
-            text = text[:b.end] + "\n" + text[b.start:b.end] + text[b.end:]
-        elif op == 7 and len(blocks) > 1:            # swap two layers
-            a, b = sorted(rnd.sample(blocks, 2), key=lambda f: f.start)
-            text = (text[:a.start] + text[b.start:b.end] + text[a.end:b.start]
-                    + text[a.start:a.end] + text[b.end:])
-        elif op == 8 and blocks:                     # add a field to a layer
-            b = rnd.choice(blocks)
-            at = b.end - 1 if text[b.end - 1:b.end] in "}>" else b.end
-            text = text[:at] + " " + rnd.choice(LAYER_SNIPPETS) + " " + text[at:]
+        text = (_edit_fields(rnd, text, op) if op < 5
+                else _edit_layers(rnd, text, op, blocks))
     return text.encode("utf-8", "surrogatepass")
-
 
 INTERESTING_FLOATS = [np.nan, -np.nan, np.inf, -np.inf, -1.0, 0.0, -1e-30, 1e38, 3.4e38, -3.4e38,
                       1e-45, -0.0]
@@ -412,15 +437,16 @@ def mutate_values(rnd: random.Random, data: bytes) -> bytes:
     from caffe2metal.caffe.caffemodel import ModelLayer, parse_caffemodel, write_caffemodel
     from caffe2metal.errors import Caffe2MetalError
     try:
-        layers = [ModelLayer(l.name, l.type, [np.array(x, dtype=np.float32) for x in l.blobs])
-                  for l in parse_caffemodel(data)]
+        layers = [ModelLayer(layer.name, layer.type,
+                             [np.array(x, dtype=np.float32) for x in layer.blobs])
+                  for layer in parse_caffemodel(data)]
     except Caffe2MetalError:
         return data
-    targets = [(l, i) for l in layers for i, x in enumerate(l.blobs) if x.size]
+    targets = [(layer, i) for layer in layers for i, x in enumerate(layer.blobs) if x.size]
     for _ in range(rnd.choice([1, 1, 2, 3])):
         if not targets:
             break
-        bn = [(l, i) for l, i in targets if l.type == "BatchNorm"]
+        bn = [(layer, i) for layer, i in targets if layer.type == "BatchNorm"]
         layer, i = rnd.choice(bn if bn and rnd.random() < 0.5 else targets)
         blob = layer.blobs[i].reshape(-1)
         k = rnd.randrange(blob.size)

@@ -58,6 +58,8 @@ CASES = {
                          "keep_top_k: 25",
                          {"code_type": "CENTER_SIZE", "nms_threshold": 0.3, "top_k": 40,
                           "keep_top_k": 25}),
+    "per_class_loc": ("code_type: CENTER_SIZE", {"code_type": "CENTER_SIZE",
+                                                 "share_location": False}),
     "background_2": ("code_type: CENTER_SIZE background_label_id: 2",
                      {"code_type": "CENTER_SIZE", "background_label_id": 2}),
     "variance_in_target": ("code_type: CENTER_SIZE variance_encoded_in_target: true",
@@ -68,9 +70,11 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_detections_as_opencv(case):
     text, kwargs = CASES[case]
-    loc, conf, priors = _inputs(sorted(CASES).index(case))
+    loc, conf, priors = _inputs(sorted(CASES).index(case),
+                                1 if kwargs.get("share_location", True) else CLASSES)
     kwargs = {"num_classes": CLASSES, "confidence_threshold": 0.2, **kwargs}
-    params = f"num_classes: {CLASSES} share_location: true confidence_threshold: 0.2 {text}"
+    share = "true" if kwargs.get("share_location", True) else "false"
+    params = f"num_classes: {CLASSES} share_location: {share} confidence_threshold: 0.2 {text}"
     for field, default in (("background_label_id", 0), ("keep_top_k", 10 * PRIORS)):
         if field not in params:                       # OpenCV wants these spelled out
             params += f" {field}: {default}"

@@ -30,9 +30,10 @@ check: $(STAMP)
 	$(BIN)/mypy caffe2metal
 
 # Without MODEL: build the built-in MobileNet-SSD-style example, convert and verify it.
+# With MODEL (WEIGHTS, OUT optional): convert and verify that model the same way.
 convert: $(STAMP)
 ifdef MODEL
-	$(BIN)/caffe2metal convert $(MODEL) $(WEIGHTS) $(if $(OUT),-o $(OUT))
+	$(BIN)/caffe2metal convert $(MODEL) $(WEIGHTS) $(if $(OUT),-o $(OUT)) --verify
 else
 	$(BIN)/caffe2metal example build/example
 	$(BIN)/caffe2metal convert build/example/mobilenet_ssd_example.prototxt $(if $(OUT),-o $(OUT)) --verify

@@ -4,7 +4,16 @@ Each function takes paths and options like its command and returns a frozen
 dataclass instead of printing; ``result.render()`` is exactly the text the
 command prints.  Bad input raises a :class:`~caffe2metal.errors.Caffe2MetalError`
 subclass (``ModelFormatError``, ``GraphError``, ``ExportError``), the errors
-the command line reports with exit status 2.
+the command line reports with exit status 2.  A verification that cannot run
+although its input is fine (OpenCV cannot load or run the model, OpenCV
+missing, out of memory) raises :class:`VerificationUnavailable` (a
+``Caffe2MetalError`` too; exit status 3); ``convert(verify=True)`` never raises
+after OUT is complete: the reason is ``Conversion.verification_error``.
+
+``input_shapes`` (inspect, convert, verify): ``--input-shape`` values,
+``["1,3,224,224"]`` or ``["data=1,3,224,224"]``, or a dict ``{name: shape}``
+(name ``""``: the only input).  It gives a train/test prototxt (a ``Data``
+layer instead of an input) its input shape; see ``caffe2metal.net.reader``.
 
 The records inside the results are the pipeline's own: ``caffe2metal.fold.Fold``
 and ``Kept`` (the fold plan), ``caffe2metal.verification.Report`` and ``Row`` (a
@@ -16,13 +25,14 @@ pipeline it runs when it is called (numpy, and OpenCV for ``verify``), so
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ExportError
+from .errors import Caffe2MetalError, ExportError
 
 if TYPE_CHECKING:
     from .fold import Fold, Kept
@@ -33,7 +43,16 @@ DTYPES = ("float32", "float16")
 NAMINGS = ("apple", "forge")
 
 __all__ = ["Conversion", "DirectoryComparison", "Example", "Inspection", "Skipped",
-           "Verification", "compare", "convert", "example", "inspect", "verify"]
+           "Verification", "VerificationUnavailable", "compare", "convert", "example",
+           "inspect", "verify"]
+
+
+class VerificationUnavailable(Caffe2MetalError):
+    """The verification could not run although its input is fine: OpenCV cannot
+    load or run the model (a layer it lacks), OpenCV is missing, out of memory.
+    The command line's exit status 3."""
+
+
 
 
 # ---------------------------------------------------------------- results
@@ -54,6 +73,9 @@ class Inspection:
     folded: list[Fold]                # the fold plan: chains that fold into a producer...
     kept: list[Kept]                  # ...and chains that stay, with the reason
     info: dict                        # everything above and per layer, as ``--json`` prints it
+    dropped: list[dict] = dataclasses.field(default_factory=list)  # train/test net: {name,
+                                      # type, reason} of the layers a deploy net does not have
+    missing_inputs: list[str] = dataclasses.field(default_factory=list)  # why shapes are unknown
 
     def render(self) -> str:
         """The table ``caffe2metal inspect`` prints."""
@@ -92,6 +114,36 @@ class Verification:
     def failures(self) -> list[Row]:
         return self.report.failures
 
+    @property
+    def unchecked(self) -> list[str]:
+        """What verify could not hold to a tolerance: rows shown but not counted, and
+        what the report lists as skipped.  Empty for a complete verification."""
+        names = [r.name for r in self.rows if not r.counted]
+        for s in getattr(self.report, "skipped", None) or []:   # (check, why) pairs
+            name = str(s[0] if isinstance(s, tuple) else s)
+            if name not in names:
+                names.append(name)
+        return names
+
+    @property
+    def complete(self) -> bool:
+        """Every layer and output was checked against its tolerance."""
+        return not self.unchecked
+
+    def verdict(self) -> str:
+        """The one line that ends ``convert --verify``: the outcome (``verify: PASS``,
+        ``verify: FAIL (...)``, ``verify: INCOMPLETE (...)``)."""
+        if not self.ok:
+            names = ", ".join(r.name for r in self.failures[:3])
+            more = " ..." if len(self.failures) > 3 else ""
+            return f"verify: FAIL ({len(self.failures)} above tolerance: {names}{more})"
+        worst = f", worst rel {self.worst.rel:.3g}" if self.worst is not None else ""
+        if not self.complete:
+            return (f"verify: INCOMPLETE (everything checked passed{worst}; "
+                    f"{len(self.unchecked)} not checked: {', '.join(self.unchecked[:3])}"
+                    f"{' ...' if len(self.unchecked) > 3 else ''})")
+        return "verify: PASS"
+
     def render(self) -> str:
         """The report ``caffe2metal verify`` prints."""
         from .verification import render
@@ -110,6 +162,10 @@ class Conversion:
     skipped: list[Skipped]            # layers with weights and no Metal file
     manifest: dict                    # OUT/manifest.json
     verification: Verification | None = None     # with verify=True
+    verification_error: str | None = None        # verify=True, but it could not run: why
+    dropped: list[dict] = dataclasses.field(default_factory=list)  # train/test net: layers cut
+    types: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # of folded
+                                      # and kept layers: BatchNorm chains vs other Scale layers
 
     @property
     def ok(self) -> bool:
@@ -117,10 +173,29 @@ class Conversion:
         return self.verification is None or self.verification.ok
 
     def render(self) -> str:
-        """What ``caffe2metal convert`` (with ``--verify``) prints."""
+        """What ``caffe2metal convert`` (with ``--verify``) prints; with a verification,
+        the last line is its outcome (:meth:`verdict`)."""
         from .pipeline import render
-        text = render(self.prototxt, self.out, self.manifest)
-        return text if self.verification is None else f"{text}\n\n{self.verification.render()}"
+        text = render(self.prototxt, self.out, self.manifest, dropped=self.dropped,
+                      types=self.types)
+        if self.verification is not None:
+            return f"{text}\n\n{self.verification.render()}\n{self.verdict()}"
+        if self.verification_error is not None:
+            return f"{text}\n{self.verdict()}"
+        return text
+
+    def verdict(self) -> str | None:
+        """The outcome of the verification as one line (None: none was asked for)."""
+        if self.verification is not None:
+            return self.verification.verdict()
+        if self.verification_error is not None:
+            return cannot_verify(self.verification_error, self.out)
+        return None
+
+
+def cannot_verify(reason: str, out: PathLike) -> str:
+    """The last line of ``convert --verify`` when the verification could not run."""
+    return f"verify: could not run: {reason} (the conversion in {out} is complete)"
 
 
 @dataclass(frozen=True)
@@ -159,13 +234,17 @@ class Example:
 
 # ---------------------------------------------------------------- functions
 
-def inspect(prototxt: PathLike, caffemodel: PathLike | None = None) -> Inspection:
-    """Read a net (and its weights, when given): layers, shapes, counts and fold plan."""
+def inspect(prototxt: PathLike, caffemodel: PathLike | None = None, *,
+            input_shapes=None) -> Inspection:
+    """Read a net (and its weights, when given): layers, shapes, counts and fold plan.
+    A net input without a shape is no error here: its shapes show as unknown and
+    ``missing_inputs`` says why."""
     # imported when called: reader, fold and describe bring in numpy (0.10 s, -X importtime)
     from . import fold
     from .describe import describe
     from .net.reader import read_model
-    model = read_model(prototxt, caffemodel)
+    model = read_model(prototxt, caffemodel, input_shapes=_input_shapes(input_shapes),
+                       allow_unknown_inputs=True)
     plan = fold.plan(model.graph)
     info = describe(model, plan)
     s = info["summary"]
@@ -175,12 +254,16 @@ def inspect(prototxt: PathLike, caffemodel: PathLike | None = None) -> Inspectio
                       outputs=list(info["outputs"]), layer_count=s["layers"],
                       parameter_values=s["parameter_values"], size_mb=s["size_mb"],
                       weights_loaded=s["weights_loaded"],
-                      folded=list(plan.folds), kept=list(plan.kept), info=info)
+                      folded=list(plan.folds), kept=list(plan.kept), info=info,
+                      dropped=list(info["dropped_layers"]),
+                      missing_inputs=list(info["missing_inputs"]))
 
 
 def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLike | None = None,
             *, dtype: str = "float32", naming: str = "apple", metal: bool = True,
-            verify: bool = False, progress: bool | None = None) -> Conversion:
+            verify: bool = False, progress: bool | None = None, input_shapes=None,
+            image: PathLike | None = None, mean=None, scale: float | None = None,
+            channel_order: str | None = None, seed: int = 0) -> Conversion:
     """Fold BatchNorm/Scale and write OUT: the merged Caffe model, the Metal weights
     (``metal=False``: none) and ``manifest.json``.
 
@@ -188,47 +271,130 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
     ``out/<prototxt stem>``.  ``dtype``: Metal weight precision, "float32" or
     "float16" (bias stays float32); ``naming``: "apple" (weights_<name>.dat) or
     "forge" (<name>_w.bin).  ``verify=True`` then runs :func:`verify` on OUT
-    (``result.verification``; a failed verification is a result, not an error).
-    ``progress``: force the stderr progress bar on or off (default: on for big
-    models when stderr is a terminal).
+    (``result.verification``; a failed verification is a result, not an error), with
+    ``image``, ``mean``, ``scale``, ``channel_order`` and ``seed`` as :func:`verify`
+    takes them; these are checked before anything is written.  A verification that
+    cannot run once OUT is complete is no error either: ``result.verification_error``
+    says why.  ``progress``: force the stderr progress bar on or off (default: on for
+    big models when stderr is a terminal).
     """
     if dtype not in DTYPES:
         raise ExportError(f"unknown weight dtype '{dtype}' (use float32 or float16)")
     if naming not in NAMINGS:
         raise ExportError(f"unknown naming '{naming}' (use one of {', '.join(NAMINGS)})")
+    shapes = _input_shapes(input_shapes)
+    spec = None
+    if verify:                      # the verification's options: bad ones before any writing
+        spec = check_verify_options(prototxt, image=image, mean=mean, scale=scale,
+                                    channel_order=channel_order, seed=seed, input_shapes=shapes)
+    elif any(v is not None for v in (image, mean, scale, channel_order)):
+        raise ExportError("--image, --mean, --scale and --channel-order only apply with "
+                          "--verify")
     # imported when called: the pipeline brings in numpy (0.10 s, -X importtime); OpenCV
     # and tqdm only come with verify=True and the progress bar
+    from .net.reader import given_input_shapes
     from .pipeline import convert as run
-    done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
-               progress=progress)
-    checked = _verify(prototxt, done.model.caffemodel, done.out) if verify else None
+    with given_input_shapes(shapes):
+        done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
+                   progress=progress)
+    checked, error = None, None
+    if verify:
+        try:
+            checked = _verify(prototxt, done.model.caffemodel, done.out, image=spec, seed=seed,
+                              input_shapes=shapes)
+        except Caffe2MetalError as e:       # OUT is complete: never reported as bad input
+            error = str(e)
     metal_part = done.manifest.get("metal") or {}
     return Conversion(prototxt=done.model.prototxt, caffemodel=str(done.model.caffemodel),
                       out=done.out, files=_files(done.out),
                       folded=list(done.plan.folds), kept=list(done.plan.kept),
                       skipped=[Skipped(s["name"], s["type"], s["reason"])
                                for s in metal_part.get("skipped", [])],
-                      manifest=done.manifest, verification=checked)
+                      manifest=done.manifest, verification=checked, verification_error=error,
+                      dropped=[{"name": n, "type": t, "reason": r}
+                               for n, t, r in done.model.dropped],
+                      types={n: done.model.graph.layer(n).type
+                             for chain in [*done.plan.folds, *done.plan.kept]
+                             for n in chain.layers})     # type: ignore[attr-defined]
 
 
 def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
-           image: PathLike | None = None, seed: int = 0) -> Verification:
+           image: PathLike | None = None, seed: int = 0, mean=None, scale: float | None = None,
+           channel_order: str | None = None, input_shapes=None) -> Verification:
     """Recompute every Metal layer in OUT from its files and compare it with the
     original model in OpenCV, then the merged model's outputs with the original's.
 
     ``caffemodel``: None means the ``.caffemodel`` next to ``prototxt``.  ``image``:
-    the input (resized, BGR, no mean subtraction); default a deterministic uniform
-    [-1, 1) input drawn with ``seed``.
+    the input, resized with ``cv2.resize`` INTER_LINEAR (as ``cv2.dnn.blobFromImage``),
+    in ``channel_order`` ("BGR", as read, or "RGB"), then ``(pixel - mean) * scale``
+    (``mean``: one value or one per channel, in the model's channel order); default a
+    deterministic uniform [-1, 1) input drawn with ``seed`` (>= 0).  Raises
+    :class:`VerificationUnavailable` when the check cannot run although its input
+    is fine (OpenCV cannot load or run the model).
     """
-    return _verify(prototxt, caffemodel, out, image=image, seed=seed)
+    from .verification.inputs import check_seed, image_input
+    check_seed(seed)
+    spec = image_input(image, mean=mean, scale=scale, channel_order=channel_order)
+    return _verify(prototxt, caffemodel, out, image=spec, seed=seed,
+                   input_shapes=_input_shapes(input_shapes))
 
 
-def _verify(prototxt, caffemodel, out, *, image=None, seed=0) -> Verification:
+def _input_shapes(given) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape`` values (strings, or a dict) as {name or "": shape}."""
+    if not given:
+        return None
+    from .net.reader import parse_input_shape
+    if isinstance(given, dict):
+        return {str(k): tuple(int(d) for d in v) for k, v in given.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in given:
+        name, shape = parse_input_shape(str(text))
+        if name in shapes:
+            raise ExportError(f"--input-shape given twice for {name or 'the input'}")
+        shapes[name] = shape
+    return shapes
+
+
+def check_verify_options(prototxt: PathLike, *, image: PathLike | None = None, mean=None,
+                         scale: float | None = None, channel_order: str | None = None,
+                         seed: int = 0, input_shapes=None):
+    """The options of a verification, checked before a conversion writes anything:
+    the image decoded, the mean against the net's channels, the seed.  Raises
+    ``Caffe2MetalError`` (bad input); returns the image input (None: random)."""
+    from .net.reader import read_prototxt
+    from .verification.inputs import check_image, check_seed, image_input, image_target
+    check_seed(seed)
+    shapes = _input_shapes(input_shapes)
+    spec = image_input(image, mean=mean, scale=scale, channel_order=channel_order)
+    if spec is not None:
+        check_image(spec)
+        image_target(read_prototxt(prototxt, input_shapes=shapes), spec)
+    return spec
+
+
+def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
+            input_shapes=None) -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
     # (0.08 s more) at its first forward pass
+    from .net.reader import given_input_shapes
     from .pipeline import default_weights
     from .verification import verify as run
-    report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image, seed=seed)
+    try:
+        with given_input_shapes(input_shapes):
+            report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image,
+                         seed=seed)
+    except Caffe2MetalError as e:
+        if _raised_by_opencv(e):
+            raise VerificationUnavailable(e.message, file=e.file, layer=e.layer,
+                                          blob=e.blob) from None
+        raise
+    except (ImportError, MemoryError) as e:
+        raise VerificationUnavailable(f"{type(e).__name__}: {e}") from None
+    except Exception as e:          # noqa: BLE001  an OpenCV error no check turned into ours
+        if type(e).__module__.split(".")[0] != "cv2":
+            raise
+        raise VerificationUnavailable(f"OpenCV failed: {str(e).strip().splitlines()[-1]}") \
+            from None
     counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
     return Verification(report=report, layers=list(report.layers), outputs=list(report.outputs),
                         ok=report.ok, worst=max(counted, key=lambda r: r.rel, default=None))
@@ -254,6 +420,16 @@ def example(directory: PathLike) -> Example:
         raise ExportError(f"cannot write the example: {e.strerror or e}",
                           file=e.filename or directory) from None
     return Example(Path(proto), Path(weights))
+
+
+def _raised_by_opencv(e: BaseException) -> bool:
+    """Whether ``e`` comes from running the model in OpenCV (``verification.opencv``:
+    OpenCV cannot load or run it), not from the user's files."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == \
+        "caffe2metal.verification.opencv"
 
 
 def _files(out: Path) -> list[Path]:

@@ -1,19 +1,52 @@
 """Command line: caffe2metal {inspect,convert,verify,compare,example}.
 
 Argument parsing over the Python API (``caffe2metal.api``): each command calls
-its function and prints ``result.render()``.  Exit status: 0 success, 1
-verification (or ``compare --atol``) above tolerance, 2 bad input (one clear
-line on stderr, no traceback), 130 interrupted; a closed stdout (``| head``) is 0.
+its function and prints ``result.render()``.
+
+Exit status (README, "Exit status"):
+  0    success (``| head`` closing stdout early is success too)
+  1    verification (or ``compare --atol``) above tolerance, or the report could
+       not be written to stdout (closed, or a full disk: ``> /dev/full``); one
+       line on stderr in that case
+  2    bad input: the user's files or options are wrong (a missing or broken
+       prototxt, caffemodel, image or OUT; a net input without a shape; a
+       negative seed).  Nothing is written; one line on stderr, no traceback.
+  3    could not verify: ``convert --verify`` wrote a complete OUT but the
+       verification could not run, or ``verify`` (alone or after convert) could
+       not run (OpenCV cannot load or run a model whose files are fine) or could
+       not hold every layer to a tolerance (rows shown but not counted).  Never
+       used for bad input.
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
+``convert --verify`` ends with one line stating the verification's outcome:
+``verify: PASS (...)``, ``verify: FAIL (...)``, ``verify: INCOMPLETE (...)`` or
+``verify: could not run: <reason> (the conversion in OUT is complete)``.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import os
 import sys
 
-from .errors import Caffe2MetalError
+from .errors import Caffe2MetalError, one_line
+
+OK, FAILED, BAD_INPUT, NOT_VERIFIED, INTERRUPTED = 0, 1, 2, 3, 130
+
+_SHAPE_HELP = ("[NAME=]N,C,H,W: the shape of a net input; for a train/test prototxt (a Data "
+               "layer instead of an input) the shape of the data layer's first top, which "
+               "becomes the input (labels, loss and accuracy layers are dropped). NAME may be "
+               "left out when the net has one input; repeat for several")
+_IMAGE_OPTIONS = (
+    ("--mean", dict(metavar="V[,V,V]", help="subtract from every pixel after resizing: one "
+                    "value, or one per channel in the model's channel order (default: none)")),
+    ("--scale", dict(type=float, metavar="S", help="multiply by S after subtracting the mean "
+                     "(default 1)")),
+    ("--channel-order", dict(choices=("BGR", "RGB"), type=str.upper, help="the model's "
+                             "channel order: BGR (as OpenCV reads images, the default) or RGB "
+                             "(B and R swapped)")),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prototxt")
     p.add_argument("caffemodel", nargs="?")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE", help=_SHAPE_HELP)
 
     p = sub.add_parser("convert", help="fold BatchNorm/Scale; write merged Caffe model, Metal "
                        "weights and manifest.json")
@@ -37,17 +71,19 @@ def _parser() -> argparse.ArgumentParser:
                    "forge: <name>_w.bin/<name>_b.bin")
     p.add_argument("--no-metal", dest="metal", action="store_false",
                    help="write only the merged Caffe model and the manifest")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE", help=_SHAPE_HELP)
     p.add_argument("--verify", action="store_true",
-                   help="then run `verify` on the result (exit 1 above tolerance)")
+                   help="then verify the result (exit 1 above tolerance, 3 when it cannot "
+                   "run); the last line states the outcome")
+    _verify_input(p)
 
     p = sub.add_parser("verify", help="recompute every Metal layer from OUT's files and compare "
                        "with the original model in OpenCV; compare the merged model end to end")
     p.add_argument("prototxt")
     p.add_argument("caffemodel", nargs="?", help="default: the .caffemodel next to PROTOTXT")
-    p.add_argument("out", help="the directory `convert` wrote")
-    p.add_argument("--image", help="input image (resized to the net's input, BGR, no mean "
-                   "subtraction); default: a deterministic random input")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    p.add_argument("out", help="the directory convert wrote")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE", help=_SHAPE_HELP)
+    _verify_input(p)
 
     p = sub.add_parser("compare", help="max difference of every weights/bias file two output "
                        "directories share, and the files only one has")
@@ -61,52 +97,118 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _verify_input(p: argparse.ArgumentParser) -> None:
+    """The options of the input verify feeds both models (verify, convert --verify)."""
+    p.add_argument("--image", help="input image, resized to the net's input with "
+                   "cv2.resize INTER_LINEAR (as cv2.dnn.blobFromImage does), then --channel-"
+                   "order, --mean and --scale; default: a deterministic random input")
+    for flag, kwargs in _IMAGE_OPTIONS:
+        p.add_argument(flag, **kwargs)      # type: ignore[arg-type]
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input (an integer "
+                   ">= 0, default 0)")
+
+
+def _image_options(args) -> dict:
+    return dict(image=args.image, mean=args.mean, scale=args.scale,
+                channel_order=args.channel_order, seed=args.seed)
+
+
 # Each command imports the API as it runs, not at start-up: --help and usage errors skip
 # it (16 ms against the CLI's 3 ms start-up imports, -X importtime).
 
 def _inspect(args) -> int:
     from . import api
-    info = api.inspect(args.prototxt, args.caffemodel)
-    print(info.to_json() if args.json else info.render())
-    return 0
+    info = api.inspect(args.prototxt, args.caffemodel, input_shapes=args.input_shape)
+    _print(info.to_json() if args.json else info.render())
+    return OK
 
 
 def _convert(args) -> int:
     from . import api
     # converted and printed first, then verified: the report shows before the slow part,
-    # as convert(verify=True) would render it
+    # exactly as convert(verify=True) renders it
+    if args.verify:                 # bad verify options are bad input: before any writing
+        api.check_verify_options(args.prototxt, input_shapes=args.input_shape,
+                                 **_image_options(args))
+    elif any(v is not None for v in (args.image, args.mean, args.scale, args.channel_order)):
+        raise Caffe2MetalError("--image, --mean, --scale and --channel-order only apply with "
+                               "--verify")
     done = api.convert(args.prototxt, args.caffemodel, args.out, metal=args.metal,
-                       dtype=args.dtype, naming=args.naming)
-    print(done.render())
+                       dtype=args.dtype, naming=args.naming, input_shapes=args.input_shape)
+    _print(done.render())
     if not args.verify:
-        return 0
-    checked = api.verify(args.prototxt, done.caffemodel, done.out)
-    print()
-    print(checked.render())
-    return 0 if checked.ok else 1
+        return OK
+    # from here on OUT is complete: no outcome is "bad input" any more
+    try:
+        checked = api.verify(args.prototxt, done.caffemodel, done.out,
+                             input_shapes=args.input_shape, **_image_options(args))
+    except Caffe2MetalError as e:
+        _print(api.cannot_verify(str(e), done.out))
+        return NOT_VERIFIED
+    _print("")
+    _print(checked.render())
+    _print(checked.verdict())
+    return _verified(checked)
+
+
+def _verified(checked) -> int:
+    if not checked.ok:
+        return FAILED
+    return OK if checked.complete else NOT_VERIFIED
 
 
 def _verify(args) -> int:
     from . import api
-    checked = api.verify(args.prototxt, args.caffemodel, args.out, image=args.image,
-                         seed=args.seed)
-    print(checked.render())
-    return 0 if checked.ok else 1
+    checked = api.verify(args.prototxt, args.caffemodel, args.out,
+                         input_shapes=args.input_shape, **_image_options(args))
+    _print(checked.render())
+    if checked.ok and not checked.complete:
+        _print(checked.verdict())
+    return _verified(checked)
 
 
 def _compare(args) -> int:
     from . import api
     c = api.compare(args.dir_a, args.dir_b)
-    print(c.render())
+    _print(c.render())
     if args.atol is None:
-        return 0
-    return 1 if c.above(args.atol) else 0
+        return OK
+    return FAILED if c.above(args.atol) else OK
 
 
 def _example(args) -> int:
     from . import api
-    print(api.example(args.directory).render())
-    return 0
+    _print(api.example(args.directory).render())
+    return OK
+
+
+class _StdoutFailed(Exception):
+    """stdout cannot be written (closed, or a full disk); not a broken pipe."""
+
+
+def _print(text: str) -> None:
+    """Print and flush now: a stdout that cannot be written is found at once."""
+    out = sys.stdout
+    if out is None:                 # started with stdout closed (>&-)
+        raise _StdoutFailed("stdout is closed")
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:      # ENOSPC (/dev/full), EBADF, closed file
+        raise _StdoutFailed(getattr(e, "strerror", None) or str(e)) from None
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's last flush of what is still
+    buffered neither fails again nor prints 'Exception ignored'."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 _COMMANDS = {"inspect": _inspect, "convert": _convert, "verify": _verify, "compare": _compare,
@@ -123,16 +225,34 @@ def main(argv=None) -> int:
             # convert does no linear algebra: no OpenBLAS worker threads spinning on
             # the cores that folding and writing use (~0.1 s of CPU at numpy's import)
             os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if sys.stdout is None:
+        _error("cannot write the report: stdout is closed")
+        return FAILED
     try:
         return _COMMANDS[args.command](args)
+    except _StdoutFailed as e:
+        _silence_stdout()
+        _error(f"cannot write the report to stdout: {e}")
+        return FAILED
     except Caffe2MetalError as e:
-        print(f"caffe2metal: error: {e}", file=sys.stderr)
-        return 2
+        from .api import VerificationUnavailable
+        if isinstance(e, VerificationUnavailable):
+            _error(f"could not verify: {e}")
+            return NOT_VERIFIED
+        _error(f"error: {e}")
+        return BAD_INPUT
     except KeyboardInterrupt:
-        print("caffe2metal: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        _error("interrupted")
+        return INTERRUPTED
+    except BrokenPipeError:         # | head: the reader has what it wanted
+        _silence_stdout()
+        return OK
+
+
+def _error(text: str) -> None:
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"caffe2metal: {one_line(text)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

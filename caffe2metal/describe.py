@@ -45,9 +45,11 @@ def describe(model: Model, the_plan: fold.Plan | None = None) -> dict:
     return {
         "prototxt": model.prototxt, "caffemodel": model.caffemodel, "name": g.name,
         "format": "V1" if model.v1 else "modern",
-        "inputs": [{"name": name(b, b), "shape": list(s)} for b, s in g.inputs.items()],
+        "inputs": [{"name": name(b, b), "shape": _listed(s)} for b, s in g.inputs.items()],
         "layers": layers,
         "excluded_layers": model.excluded,
+        "dropped_layers": [{"name": n, "type": t, "reason": r} for n, t, r in model.dropped],
+        "missing_inputs": list(model.missing_inputs),
         "outputs": [name(b, b) for b in g.outputs()],
         "summary": {
             "layers": len(layers), "parameter_values": values,
@@ -87,6 +89,13 @@ def render(info: dict) -> str:
     if info["excluded_layers"]:
         lines.append(f"{len(info['excluded_layers'])} layer(s) excluded by TEST-phase rules: "
                      + ", ".join(info["excluded_layers"]))
+    dropped = info.get("dropped_layers") or []
+    if dropped:
+        lines.append(f"{len(dropped)} layer(s) dropped to make a deploy net (a train/test "
+                     "prototxt; the merged prototxt leaves them out):")
+        lines += [f"  {d['name']} ({d['type']}): {d['reason']}" for d in dropped]
+    for why in info.get("missing_inputs") or []:
+        lines.append(f"shapes unknown ('?'): {why}")
     lines.append(f"outputs: {', '.join(info['outputs'])}")
     unk = {k: v for k, v in info["unknown_fields"].items() if v}
     if unk:

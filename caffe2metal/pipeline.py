@@ -180,20 +180,51 @@ class _Progress:
 
 def report(result: Result) -> str:
     """What ``caffe2metal convert`` prints about ``result``."""
-    return render(result.model.prototxt, result.out, result.manifest)
+    return render(result.model.prototxt, result.out, result.manifest,
+                  types={layer.name: layer.type for layer in result.model.graph.layers})
 
 
-def render(prototxt: str | os.PathLike, out: str | os.PathLike, manifest: dict) -> str:
-    """The conversion report: what was folded, kept and skipped, and what was written."""
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def render(prototxt: str | os.PathLike, out: str | os.PathLike, manifest: dict,
+           dropped: list[dict] | None = None, types: dict[str, str] | None = None) -> str:
+    """The conversion report: what was folded, kept and skipped, and what was written.
+
+    BatchNorm chains (a BatchNorm, with its Scale) and other Scale layers (an SE
+    gate, a Scale after a Concat, ...) are counted apart (``types``: layer name ->
+    type; without it a one-layer chain counts as a Scale layer), and each layer
+    with no Metal file is listed once, with every reason it has."""
     m, lines = manifest, []
-    lines.append(f"{prototxt}: {len(m['folds'])} BatchNorm/Scale chain(s) folded, "
-                 f"{len(m['kept'])} kept")
-    for f in m["folds"]:
+    folds, kept = m["folds"], m["kept"]
+    skipped = {s["name"]: s for s in m.get("metal", {}).get("skipped", [])}
+    types = types or {}
+
+    def batchnorm(chain: dict) -> bool:
+        return any(types.get(n, "Scale" if len(chain["layers"]) == 1 else "BatchNorm")
+                   == "BatchNorm" for n in chain["layers"])
+
+    bn_folds = sum(map(batchnorm, folds))
+    bn_kept = sum(map(batchnorm, kept))
+    parts = [_count(bn_folds, "BatchNorm chain") + " folded"]
+    if len(folds) > bn_folds:
+        parts.append(_count(len(folds) - bn_folds, "lone Scale layer") + " folded")
+    if bn_kept:
+        parts.append(_count(bn_kept, "BatchNorm chain") + " kept")
+    if len(kept) > bn_kept:
+        parts.append(_count(len(kept) - bn_kept, "other Scale layer") + " kept")
+    lines.append(f"{prototxt}: {', '.join(parts)}")
+    for f in folds:
         lines.append(f"  folded  {' + '.join(f['layers'])} -> {f['producer']}")
-    for k in m["kept"]:
-        lines.append(f"  kept    {' + '.join(k['layers'])}: {k['reason']}")
-    for s in m.get("metal", {}).get("skipped", []):
+    for k in kept:
+        no_file = [skipped.pop(n) for n in k["layers"] if n in skipped]
+        note = " (no Metal file)" if no_file else ""
+        lines.append(f"  kept    {' + '.join(k['layers'])}{note}: {k['reason']}")
+    for s in skipped.values():
         lines.append(f"  no Metal file for {s['name']} ({s['type']}): {s['reason']}")
+    for d in dropped or []:
+        lines.append(f"  dropped {d['name']} ({d['type']}): {d['reason']}")
     lines.append(f"wrote {out}/: {m['merged']['prototxt']}, {m['merged']['caffemodel']}, "
                  f"manifest.json" + (f", {len(m['layers'])} Metal layer(s) in metal/"
                                      if m["layers"] else ""))

@@ -42,7 +42,7 @@ def cut_span(text: str, f: textproto.Field) -> tuple[int, int]:
 
 def merged_prototxt(model: Model, merged: Graph, plan: Plan) -> str:
     text = model.document.text
-    edits: list[tuple[int, int, str]] = []      # (start, end, replacement)
+    edits = list(model.text_edits)              # (start, end, replacement): inputs (reader)
     index = {layer.name: layer.index for layer in model.graph.layers}
     folded = {index[n] for f in plan.folds for n in f.layers}
     for idx in sorted(folded | set(model.excluded_blocks)):

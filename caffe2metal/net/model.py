@@ -21,3 +21,9 @@ class Model:
     caffemodel: str | None = None
     shapes: shape_rules.Shapes = field(default_factory=shape_rules.Shapes)
     v1: bool = False
+    # a train/test net read as a deploy net (net.reader): the layers dropped (name, type, why),
+    # one error line per net input without a shape, and the edits of the text (start, end,
+    # replacement) that make the merged prototxt declare the inputs
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)
+    missing_inputs: list[str] = field(default_factory=list)
+    text_edits: list[tuple[int, int, str]] = field(default_factory=list)

@@ -2,7 +2,14 @@
 
 Measure: rel = max |diff| / max |ref|; non-finite reference values must match
 exactly and are left out of max |ref|.  The tolerances are explained in the
-package docstring (``caffe2metal.verification``).
+package docstring (``caffe2metal.verification``); every row of the table shows
+the tolerance it is held to (column ``tol``), since one report mixes them:
+float32 layers 1e-4, float16 weights 2e-3, end to end 1e-4 (DetectionOutput 1e-3).
+
+float16 weights, measured: the built-in demo net 8e-5..5.1e-4 per layer; 13
+real architectures with synthetic weights at most 6.3e-4; a real trained model
+(the issue's measurement) 8.0e-4.  The worst case measured is therefore 8.0e-4,
+and 2e-3 leaves 2.5x headroom over it.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class Report:
     input: str
     layers: list[Row] = field(default_factory=list)
     outputs: list[Row] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (check, why it could not run)
 
     @property
     def ok(self) -> bool:
@@ -83,19 +91,21 @@ def render(report: Report) -> str:
 
     def table(title: str, rows: list[Row]) -> list[str]:
         head = ("layer" if title == "layers" else "output", "kind", "shape", "max |ref|",
-                "max |diff|", "rel", "")
+                "max |diff|", "rel", "tol", "")
         body = []
         for r in rows:
             status = "ok" if r.ok else ("-" if not r.counted else "FAIL")
+            tol = "-" if math.isnan(r.tolerance) else f"{r.tolerance:g}"
             vals = (r.name, r.kind, _fmt_shape(r.shape), f"{r.max_ref:.4g}", f"{r.max_diff:.3g}",
-                    f"{r.rel:.3g}", status + (f"  {r.note}" if r.note else ""))
+                    f"{r.rel:.3g}", tol, status + (f"  {r.note}" if r.note else ""))
             body.append(vals)
-        widths = [max([len(head[i])] + [len(v[i]) for v in body]) for i in range(6)]
+        n = len(head) - 1                       # the last column (status) has no width
+        widths = [max([len(head[i])] + [len(v[i]) for v in body]) for i in range(n)]
         out = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in
-                         enumerate(zip(head, widths, strict=False))).rstrip()]  # (no width: status)
+                         enumerate(zip(head, widths, strict=False))).rstrip()]
         for v in body:
             out.append("  ".join([v[i].ljust(widths[i]) if i < 3 else v[i].rjust(widths[i])
-                                  for i in range(6)] + [v[6]]).rstrip())
+                                  for i in range(n)] + [v[n]]).rstrip())
         return out
 
     if report.layers:
@@ -108,10 +118,10 @@ def render(report: Report) -> str:
     counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
     worst = max(counted, key=lambda r: r.rel, default=None)
     summary = (f"{len(report.layers)} layer check(s), {len(report.outputs)} output(s); "
-               f"tolerance rel <= {', '.join(f'{t:g}' for t in tols)}")
+               f"tolerance rel <= {', '.join(f'{t:g}' for t in tols)} (per row: column tol)")
     if worst is not None:
         summary += f"; worst rel {worst.rel:.3g} ({worst.name})"
-    lines.append(summary)
+    lines.append(summary + (f"; {len(report.skipped)} skipped" if report.skipped else ""))
     if report.ok:
         lines.append("PASS")
     else:

@@ -3,8 +3,13 @@
 Neurons (ReLU with ``negative_slope``, ReLU6, PReLU with per-channel or shared
 slopes, Sigmoid, TanH, ELU, Clip, Swish, Power, AbsVal, BNLL, Exp, Log,
 Threshold), Dropout (the identity at test time), and LRN, MVN, Softmax.
+
+ReLU6, Clip and Threshold have a numpy ``forward`` (verify runs it where OpenCV
+lacks the type: OpenCV 4.x's Caffe importer has no Clip or Threshold).
 """
 from __future__ import annotations
+
+import numpy as np
 
 from ..graph import Layer
 from .registry import need, register, shape_rule
@@ -22,7 +27,30 @@ def same_shape(layer: Layer, ins: list):
     return [x] * len(layer.tops), []
 
 
-register(*NEURONS, "Dropout", "LRN", "MVN", "Softmax", shape=same_shape)
+def _relu6(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """min(max(x, 0), 6)."""
+    return [np.minimum(np.maximum(np.asarray(xs[0]), 0), 6)]
+
+
+def _clip(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """BVLC Caffe's Clip: min(max(x, clip_param.min), clip_param.max) (both required)."""
+    p = layer.params.get("clip_param", {})
+    if "min" not in p or "max" not in p:
+        raise ValueError("Clip: clip_param needs both min and max")
+    x = np.asarray(xs[0])
+    return [np.clip(x, p["min"], p["max"]).astype(x.dtype)]
+
+
+def _threshold(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """BVLC Caffe's Threshold: 1 where x > threshold_param.threshold (default 0), else 0."""
+    t = float(layer.params.get("threshold_param", {}).get("threshold", 0.0))
+    x = np.asarray(xs[0])
+    return [(x > t).astype(x.dtype)]
+
+
+_FORWARD = {"ReLU6": _relu6, "Clip": _clip, "Threshold": _threshold}
+for _name in (*NEURONS, "Dropout", "LRN", "MVN", "Softmax"):
+    register(_name, shape=same_shape, forward=_FORWARD.get(_name))
 
 
 @shape_rule("PReLU")

@@ -18,6 +18,10 @@ registers each type it knows with :func:`register`, giving the roles it plays:
 ``opencv_type``
     The type name OpenCV's importer knows this type by, when it differs
     (a fork alias with the same blobs and math).
+``forward(layer, inputs) -> outputs``
+    Caffe's (or the fork's) forward pass in plain numpy on whole float32 NCHW
+    blobs, batch included: one array per top.  verify runs it inside OpenCV
+    for the types OpenCV cannot create (``verification.fork_layers``).
 
 A type registered twice is an error; a type nobody registered is unknown:
 its outputs have unknown shapes, and nothing is guessed about it.
@@ -33,6 +37,7 @@ from ..graph import Layer
 
 Shape = tuple
 ShapeRule = Callable[[Layer, list], tuple]
+Forward = Callable[[Layer, list[np.ndarray]], list[np.ndarray]]
 
 
 class Unknown(Exception):
@@ -79,6 +84,7 @@ class LayerType:
     export: Callable | None = None
     reference: Callable | None = None
     opencv_type: str | None = None
+    forward: Forward | None = None
 
 
 _TYPES: dict[str, LayerType] = {}
@@ -86,12 +92,12 @@ _TYPES: dict[str, LayerType] = {}
 
 def register(*names: str, shape: ShapeRule | None = None, producer: Producer | None = None,
              export: Callable | None = None, reference: Callable | None = None,
-             opencv_type: str | None = None) -> None:
+             opencv_type: str | None = None, forward: Forward | None = None) -> None:
     """Register each of ``names`` with the given roles (see the module doc)."""
     for name in names:
         if name in _TYPES:
             raise RuntimeError(f"layer type {name!r} registered twice")
-        _TYPES[name] = LayerType(name, shape, producer, export, reference, opencv_type)
+        _TYPES[name] = LayerType(name, shape, producer, export, reference, opencv_type, forward)
 
 
 def shape_rule(*names: str, **roles):
@@ -130,6 +136,12 @@ def producer_types() -> tuple[str, ...]:
 
 def exported_types() -> tuple[str, ...]:
     return tuple(n for n, t in _TYPES.items() if t.export is not None)
+
+
+def forward(name: str) -> Forward | None:
+    """The numpy forward of type ``name`` (see the module doc), or None."""
+    t = _TYPES.get(name)
+    return None if t is None else t.forward
 
 
 def opencv_type(name: str) -> str:

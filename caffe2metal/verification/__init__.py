@@ -55,6 +55,15 @@ When OpenCV is wrong
     in-place layer may overwrite a Slice's second top), so those are read in
     a forward pass of their own that stops at their layer.
 
+Fork layers OpenCV cannot create
+    (found by trying, ``fork_layers``): a type with a numpy ``forward`` role
+    (Upsample, Interp, Axpy, ShuffleChannel, ReLU6, Clip, Threshold) runs
+    inside OpenCV as a Python layer registered for the verify run only.  A
+    type with none (ENet's BN, Python layers, a type nobody registered) is
+    cut out of OpenCV's net with every layer computed from it: everything
+    before it is checked; the checks that need one of its blobs are listed
+    as skipped, with the reason (rows not counted, ``Report.skipped``).
+
 compare
     Max |A - B| of every weights/bias file present in both directories
     (matched by file name, in DIR or DIR/metal), and the files found in only
@@ -73,6 +82,7 @@ from .. import fold
 from ..errors import Caffe2MetalError
 from ..graph import Graph, Layer
 from ..net.reader import Model, read_model, read_prototxt
+from . import fork_layers
 from .compare import Comparison, ComparisonRow, compare, render_comparison
 from .files import _entries, load_manifest, read_array
 from .inputs import make_inputs
@@ -122,15 +132,25 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     # cannot run in OpenCV either: check everything up to it
     drop = tuple({s["type"] for s in manifest.get("metal", {}).get("skipped", [])
                   if s["type"] == "DetectionOutput"})
-    needed.update(_outputs(graph, drop))
-    net = _opencv(opencv_text(model, drop), Path(caffemodel))
-    values = _forward(graph, net, feed, needed, drop)
-    del net
+    forks = fork_layers.plan(graph, drop)
+    gone = forks.unavailable
+    needed.update(_outputs(graph, drop, forks))
+    needed -= set(gone)
+    with fork_layers.registered(forks):
+        net = _opencv(opencv_text(model, drop, rename=forks.rename, cut=forks.cut),
+                      Path(caffemodel))
+        values = _forward(graph, net, feed, needed, drop, forks.cut)
+        del net
     # OpenCV computes a few layers wrongly (see _second_opinion); what follows such a layer
     # may read garbage, so rows downstream that disagree get no verdict
     defects: dict[str, str] = {}          # blob OpenCV computes wrongly -> its layer
     tainted: dict[str, str] = {}          # every blob computed from one of those -> that layer
     for entry, src, dst in jobs:
+        if src in gone or dst in gone:
+            report.layers.append(_skipped(report, entry["name"], entry.get("kind", "?"),
+                                          model.shapes.blobs.get(dst), gone[src if src in gone
+                                                                          else dst]))
+            continue
         row = _check_layer(entry, values[src], values[dst], out, graph)
         if row.note.endswith("(an OpenCV defect)"):
             if src in tainted:
@@ -144,9 +164,14 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
                         "computes wrongly")
         report.layers.append(row)
     if concat is not None:
-        report.layers.append(_check_priors(out, ssd, graph, values[concat.tops[0]]))
+        report.layers.append(_skipped(report, "priors", "priors", None, gone[concat.tops[0]])
+                             if concat.tops[0] in gone
+                             else _check_priors(out, ssd, graph, values[concat.tops[0]]))
 
-    report.outputs = _end_to_end(model, manifest, out, feed, values, drop)
+    report.outputs = _end_to_end(model, manifest, out, feed, values, drop, forks)
+    for row in report.outputs:
+        if not row.counted and row.note.startswith("skipped: "):
+            report.skipped.append((row.name, row.note.removeprefix("skipped: ")))
     tainted = _downstream(graph, defects)
     for row in report.outputs:
         if row.name in tainted:
@@ -164,25 +189,51 @@ def _layer(graph: Graph, name: str, out: Path) -> Layer:
                                "have", file=Path(out) / "manifest.json") from None
 
 
-def _outputs(graph: Graph, drop: Collection[str] = ()) -> list[str]:
-    """The net's outputs, with the inputs of dropped layers standing in for theirs."""
-    gone = [layer for layer in graph.layers if layer.type in drop]
+def _skipped(report: Report, name: str, kind: str, shape: tuple | None, reason: str) -> Row:
+    """A check that cannot be made: a row not counted, and the report's list of skips."""
+    report.skipped.append((name, reason))
+    return Row(name, kind, tuple(d for d in shape or () if d is not None),
+               counted=False, note=f"skipped: {reason}")
+
+
+def _outputs(graph: Graph, drop: Collection[str] = (),
+             forks: fork_layers.Plan | None = None) -> list[str]:
+    """The net's outputs, with the inputs of dropped (or cut) layers standing in for theirs;
+    never a blob OpenCV cannot compute."""
+    cut = forks.cut if forks is not None else {}
+    unavailable = forks.unavailable if forks is not None else {}
+    gone = [layer for layer, key in zip(graph.layers, fork_layers.layer_keys(graph), strict=True)
+            if layer.type in drop or key in cut]
     tops = {t for layer in gone for t in layer.tops}
-    return ([b for b in graph.outputs() if b not in tops]
-            + [b for layer in gone for b in layer.bottoms])
+    return list(dict.fromkeys(
+        [b for b in graph.outputs() if b not in tops]
+        + [b for layer in gone for b in layer.bottoms if b not in unavailable]))
 
 
 def _end_to_end(model: Model, manifest: dict, out: Path, feed: dict[str, np.ndarray],
-                v1: dict[str, np.ndarray], drop: Collection[str] = ()) -> list[Row]:
+                v1: dict[str, np.ndarray], drop: Collection[str] = (),
+                forks1: fork_layers.Plan | None = None) -> list[Row]:
     merged_files = manifest.get("merged", {})
     proto, weights = out / merged_files["prototxt"], out / merged_files["caffemodel"]
     merged_model = read_prototxt(proto)
     g1, g2 = model.graph, merged_model.graph
-    outs1 = {g1.blob_names.get(b, b): b for b in _outputs(g1, drop)}
-    outs2 = {g2.blob_names.get(b, b): b for b in _outputs(g2, drop)}
-    v2 = _forward(g2, _opencv(opencv_text(merged_model, drop), weights), feed,
-                  set(outs2.values()), drop)
+    forks2 = fork_layers.plan(g2, drop)
+    outs1 = {g1.blob_names.get(b, b): b for b in _outputs(g1, drop, forks1)}
+    outs2 = {g2.blob_names.get(b, b): b for b in _outputs(g2, drop, forks2)}
+    with fork_layers.registered(forks2):
+        net = _opencv(opencv_text(merged_model, drop, rename=forks2.rename, cut=forks2.cut),
+                      weights)
+        v2 = _forward(g2, net, feed, set(outs2.values()), drop, forks2.cut)
+        del net
     rows = []
+    if forks1 is not None:       # the net's own outputs that cannot be computed
+        stand_ins = set(outs1.values())
+        for b in g1.outputs():
+            if b in forks1.unavailable and b not in stand_ins:
+                producer = g1.producers()[b]
+                rows.append(Row(g1.blob_names.get(b, b), producer.type,
+                                tuple(d for d in model.shapes.blobs.get(b) or () if d is not None),
+                                counted=False, note=f"skipped: {forks1.unavailable[b]}"))
     for name, b in outs1.items():
         producer = g1.producers()[b]
         row = Row(name, producer.type, v1[b].shape)

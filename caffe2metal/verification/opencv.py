@@ -3,11 +3,13 @@
 OpenCV ignores phase rules and lacks some fork type names, so it is given the
 TEST-phase text with those renamed (``opencv_text``); ``_forward`` reads any
 set of blobs out of one run, mapping the file's layer names onto OpenCV's.
+Layers of types OpenCV cannot create run as registered numpy layers, or are
+cut out with what follows them (``fork_layers``).
 """
 from __future__ import annotations
 
 import io
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ from ..fold import Plan
 from ..graph import Graph
 from ..layers import registry
 from ..net.reader import Model
+from .fork_layers import layer_keys
 
 if TYPE_CHECKING:
     import cv2
@@ -31,20 +34,34 @@ def caffemodel_bytes(model: Model) -> bytes:
     return buf.getvalue()
 
 
-def opencv_text(model: Model, drop: Collection[str] = ()) -> str:
+def opencv_text(model: Model, drop: Collection[str] = (), *,
+                rename: Mapping[tuple[str, int], str] | None = None,
+                cut: Collection[tuple[str, int]] = ()) -> str:
     """The TEST-phase prototxt as OpenCV must be given it: OpenCV ignores phase rules
     (it would run TRAIN twins of deploy layers) and lacks some fork type names.
-    Layers of the types in ``drop`` are left out."""
+    Layers of the types in ``drop`` are left out, and so are the layers in ``cut``;
+    those in ``rename`` get that type (layers by (name, k): the k-th of that name,
+    see ``fork_layers.layer_keys``)."""
     from ..caffe import textproto
     from ..export.caffe import cut_span
     text = merged_prototxt(model, model.graph, Plan())
     doc = textproto.parse(text, model.prototxt)
     edits = []
+    seen: dict[str, int] = {}
     for block in doc.fields:
-        for t in block.get("type") if block.name == "layer" else ():
+        if block.name != "layer":
+            continue
+        names = block.get("name")
+        name = textproto.unquote(names[0].value or "") if names else ""
+        key = (name, seen.get(name, 0))
+        seen[name] = key[1] + 1
+        for t in block.get("type"):
             value = textproto.unquote(t.value or "")
-            if value in drop:
+            if value in drop or key in cut:
                 edits.append(cut_span(text, block) + ("",))
+            elif rename and key in rename:      # a numpy layer registered for this one
+                edits.append((t.value_start, t.value_start + len(t.value or ""),
+                              f'"{rename[key]}"'))
             elif registry.opencv_type(value) != value:   # a fork name, same blobs and math
                 edits.append((t.value_start, t.value_start + len(t.value or ""),
                               f'"{registry.opencv_type(value)}"'))
@@ -79,8 +96,8 @@ def _cv_message(e: Exception) -> str:
     return lines[-1].split(") ", 1)[-1] if lines else str(e)
 
 
-def _cv_pins(graph: Graph, net: cv2.dnn.Net,
-             drop: Collection[str] = ()) -> dict[tuple[int, int], tuple[str, int]]:
+def _cv_pins(graph: Graph, net: cv2.dnn.Net, drop: Collection[str] = (),
+             cut: Collection[tuple[str, int]] = ()) -> dict[tuple[int, int], tuple[str, int]]:
     """(id(layer), top index) -> (OpenCV layer name, output index).
 
     OpenCV's Caffe importer names a layer as the file does, with ``_1``,
@@ -99,8 +116,10 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net,
             else:
                 pins[(id(layer), i)] = (layer.name if k == 0 else f"{layer.name}_{k}", i)
     have = set(net.getLayerNames())
-    missing = [pins[(id(layer), 0)][0] for layer in graph.layers if layer.type != "Input" and
-               layer.type not in drop and layer.tops and pins[(id(layer), 0)][0] not in have]
+    missing = [pins[(id(layer), 0)][0]
+               for layer, key in zip(graph.layers, layer_keys(graph), strict=True)
+               if layer.type != "Input" and layer.type not in drop and key not in cut
+               and layer.tops and pins[(id(layer), 0)][0] not in have]
     if missing:
         raise Caffe2MetalError(f"OpenCV's net has no layer {missing[0]!r}: its layer list does not "
                                "match this prototxt", file=graph.source)
@@ -108,7 +127,8 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net,
 
 
 def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs: set[str],
-             drop: Collection[str] = ()) -> dict[str, np.ndarray]:
+             drop: Collection[str] = (),
+             cut: Collection[tuple[str, int]] = ()) -> dict[str, np.ndarray]:
     """The value of each unique blob in ``blobs`` after one OpenCV forward pass.
 
     OpenCV keeps the requested outputs of a layer alive only for its first
@@ -117,7 +137,7 @@ def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs:
     stops at their layer.
     """
     import cv2
-    pins = _cv_pins(graph, net, drop)
+    pins = _cv_pins(graph, net, drop, cut)
     producers = graph.producers()
     where: dict[str, tuple[str, int]] = {}
     first: list[str] = []

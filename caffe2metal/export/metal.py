@@ -108,8 +108,16 @@ class _Export:
                checked: bool = False) -> tuple[dict, dict]:
         dtype = self.dtype
         wfile, bfile = file_names(entry_name, self.naming)
-        data = (weights.map(lambda b: cast(b, dtype, owner, checked))
-                if isinstance(weights, RowBlocks) else cast(weights, dtype, owner, checked))
+        data: RowBlocks | np.ndarray
+        if isinstance(weights, RowBlocks):
+            done = [0]                       # rows cast so far: errors name the layer's row
+
+            def cast_block(b):
+                first, done[0] = done[0], done[0] + len(b)
+                return cast(b, dtype, owner, checked, first)
+            data = weights.map(cast_block)
+        else:
+            data = cast(weights, dtype, owner, checked)
         wspec = self.writer.write(wfile, owner, data, dtype, mps.KINDS[kind].layout)
         bspec = self.writer.write(bfile, owner, finite32(bias, owner), "float32",
                                   mps.KINDS[kind].bias_layout)

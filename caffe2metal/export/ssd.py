@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import first_nonfinite
 from ..errors import ExportError
 from ..graph import Graph, Layer
-from ..layers.priorbox import prior_boxes, priors_per_cell
+from ..layers.priorbox import MAX_PRIORS, prior_boxes, priors_per_cell
 from .files import Writer, json_float
 
 
@@ -27,6 +28,10 @@ def describe_ssd(model, merged: Graph, writer: Writer) -> dict | None:
     num_priors = sum(h["num_priors"] for h in heads)
     if det is not None:
         _check_prior_counts(det, num_priors, shapes)
+    bad = first_nonfinite(priors)    # prior_boxes refuses these: never written
+    if bad is not None:
+        raise ExportError(f"priors.dat would hold {priors.reshape(-1)[bad]} at element {bad}",
+                          layer=priorboxes[0].name)
     spec = writer.write("priors.dat", "priors", priors, "float32",
                         "[2][num_priors*4]: xmin, ymin, xmax, ymax of every prior, "
                         "then their variances")
@@ -93,6 +98,18 @@ def _priors(order: list[Layer], concat: Layer | None,
     """Caffe's concatenated PriorBox output [2][num_priors*4], the heads, the image size."""
     parts, heads, first = [], [], 0
     image_size = None
+    total = 0
+    for pb in order:                # the count first: nothing big is computed past the limit
+        feat = shapes.get(pb.bottoms[0])
+        if feat and len(feat) == 4 and None not in feat:
+            try:
+                total += feat[2] * feat[3] * priors_per_cell(**_param(pb, "prior_box_param"))
+            except (TypeError, ValueError) as e:
+                raise ExportError(str(e), layer=pb.name) from None
+        if total > MAX_PRIORS:
+            raise ExportError(f"the PriorBox layers up to this one give {total} priors, more "
+                              f"than {MAX_PRIORS} (priors.dat would take {total * 32:,} bytes)",
+                              layer=pb.name)
     for pb in order:
         params = dict(_param(pb, "prior_box_param"))
         feat = shapes.get(pb.bottoms[0])
@@ -103,7 +120,7 @@ def _priors(order: list[Layer], concat: Layer | None,
         try:
             boxes = prior_boxes(feat[2:], img[2:], **params)
             per_cell = priors_per_cell(**params)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ExportError(str(e), layer=pb.name) from None
         parts.append(boxes[None])
         n = feat[2] * feat[3] * per_cell

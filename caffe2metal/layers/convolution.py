@@ -22,6 +22,7 @@ from ..errors import ExportError
 from ..graph import Layer
 from ..mps.rows import layout
 from .registry import Producer, axis_index, need, register
+from .structure import Refused
 
 TYPES = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise")
 GROUP_IS_CHANNELS = ("ConvolutionDepthwise",)     # fork types: group = input channels
@@ -29,30 +30,75 @@ OPENCV_NAMES = {"DepthwiseConvolution": "Convolution"}
 
 
 def spatial(p: dict, name: str, default: int, n: int = 2) -> tuple:
-    """Caffe's per-axis geometry: ``name_h``/``name_w`` win over ``name`` (repeated or scalar)."""
+    """Caffe's per-axis geometry: ``name_h``/``name_w`` or ``name`` (repeated or scalar).
+
+    base_conv_layer.cpp LayerSetUp: ``CHECK_EQ(num_spatial_axes_, 2) << "kernel_h & kernel_w
+    can only be used for 2D convolution."``, ``CHECK_EQ(0, conv_param.kernel_size_size()) <<
+    "Either kernel_size or kernel_h/w should be specified; not both."`` (the same for pad
+    and stride), and ``CHECK(num_kernel_dims == 1 || num_kernel_dims == num_spatial_axes_)``
+    (0 also allowed for stride, pad, dilation)."""
+    key = name if name != "kernel" else "kernel_size"
     h, w = p.get(f"{name}_h"), p.get(f"{name}_w")
+    v = p.get(key, [])
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
     if h is not None or w is not None:
         if n != 2 or h is None or w is None:
-            raise ValueError(f"{name}_h and {name}_w must be given together (2-D only)")
+            raise Refused(f"convolution_param.{name}_h", f"{name}_h and {name}_w must be given "
+                          "together, and only for 2-D convolutions")
+        if v:
+            raise Refused(f"convolution_param.{key}", f"give either {key} or {name}_h/"
+                          f"{name}_w, not both")
         return (h, w)
-    v = p.get(name if name != "kernel" else "kernel_size", [])
-    v = list(v) if isinstance(v, (list, tuple)) else [v]
     if not v:
         return (default,) * n
     if len(v) == 1:
         return (v[0],) * n
     if len(v) != n:
-        raise ValueError(f"{name} has {len(v)} values for {n} spatial axes")
+        raise Refused(f"convolution_param.{key}", f"{len(v)} values for {n} spatial axes "
+                      "(give one, or one per axis)")
     return tuple(v)
 
 
 def conv_geometry(p: dict, n: int = 2) -> dict:
-    """Kernel, stride, pad, dilation of a ``convolution_param`` with Caffe's defaults."""
+    """Kernel, stride, pad, dilation of a ``convolution_param`` with Caffe's defaults.
+
+    base_conv_layer.cpp: ``CHECK_GT(kernel_shape_data[i], 0) << "Filter dimensions must be
+    nonzero."``, ``CHECK_GT(stride_data[i], 0) << "Stride dimensions must be nonzero."``.
+    Caffe has no CHECK on dilation, but dilation 0 puts every tap of the kernel on one
+    pixel (MPS's dilationRate must be >= 1, OpenCV divides by it): refused as well."""
     kernel = spatial(p, "kernel", 0, n)
     if any(k <= 0 for k in kernel):
-        raise ValueError("kernel size is not set")
-    return dict(kernel=kernel, stride=spatial(p, "stride", 1, n), pad=spatial(p, "pad", 0, n),
-                dilation=spatial(p, "dilation", 1, n))
+        if p.get("kernel_h") is not None or p.get("kernel_w") is not None:
+            raise Refused("convolution_param.kernel_h", f"kernel {list(kernel)}: filter "
+                          "dimensions must be nonzero")
+        if p.get("kernel_size") in (None, []):
+            raise Refused("convolution_param.kernel_size", "kernel size is not set")
+        raise Refused("convolution_param.kernel_size", f"kernel {list(kernel)}: filter "
+                      "dimensions must be nonzero")
+    geo = dict(kernel=kernel, stride=spatial(p, "stride", 1, n), pad=spatial(p, "pad", 0, n),
+               dilation=spatial(p, "dilation", 1, n))
+    for name in ("stride", "dilation"):
+        if any(v <= 0 for v in geo[name]):
+            field = f"{name}_h" if f"{name}_h" in p else name
+            raise Refused(f"convolution_param.{field}", f"{name} {list(geo[name])}: "
+                          f"{name} dimensions must be nonzero")
+    return geo
+
+
+def check_group(p: dict, channels: int, group: int) -> int:
+    """base_conv_layer.cpp: ``CHECK_GT(num_output_, 0)``, ``CHECK_EQ(channels_ % group_, 0)``,
+    ``CHECK_EQ(num_output_ % group_, 0) << "Number of output should be multiples of
+    group."`` (group 0 divides by zero there).  Returns num_output."""
+    num_output = p.get("num_output")
+    if num_output is None or num_output <= 0:
+        raise Refused("convolution_param.num_output", "must be set and positive "
+                      f"(is {num_output})")
+    if group <= 0:
+        raise Refused("convolution_param.group", f"group {group} must be positive")
+    if channels % group or num_output % group:
+        raise Refused("convolution_param.group", f"{channels} input / {num_output} output "
+                      f"channels are not divisible by group {group}")
+    return num_output
 
 
 def _param(layer: Layer) -> dict:
@@ -69,9 +115,7 @@ def _shape(layer: Layer, ins: list):
     g = conv_geometry(p, n)
     c = x[axis]
     group = c if layer.type in GROUP_IS_CHANNELS else p.get("group", 1)
-    num_output = p["num_output"]
-    if c % group or num_output % group:
-        raise ValueError(f"{c} input / {num_output} output channels not divisible by group {group}")
+    num_output = check_group(p, c, group)
     out = tuple((s + 2 * pd - (d * (k - 1) + 1)) // st + 1 for s, k, st, pd, d in
                 zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
                     strict=True))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import mps
 from ..graph import Layer
-from .convolution import check_2d, conv_geometry, dense, geometry, mps_groups
+from .convolution import check_2d, check_group, conv_geometry, dense, geometry, mps_groups
 from .registry import Producer, axis_index, need, register
 
 
@@ -28,9 +28,8 @@ def _shape(layer: Layer, ins: list):
     p = _param(layer)
     axis = axis_index(p.get("axis", 1), len(x))
     g = conv_geometry(p, len(x) - axis - 1)
-    c, group, num_output = x[axis], p.get("group", 1), p["num_output"]
-    if c % group or num_output % group:
-        raise ValueError(f"{c} input / {num_output} output channels not divisible by group {group}")
+    c, group = x[axis], p.get("group", 1)
+    num_output = check_group(p, c, group)        # the CHECKs of base_conv_layer.cpp
     out = tuple(st * (s - 1) + d * (k - 1) + 1 - 2 * pd for s, k, st, pd, d in
                 zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
                     strict=True))

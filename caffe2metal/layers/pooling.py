@@ -4,30 +4,77 @@ Output size (Caffe): ``ceil((in + 2*pad - kernel) / stride) + 1`` (BVLC's
 ``round_mode: FLOOR``, or the older fork field ``ceil_mode: false``, floor it),
 minus 1 when padding is set and the last window would start in the padding
 (``(out-1)*stride >= in + pad``).  ``global_pooling`` covers the whole map.
+
+The parameters are checked as pooling_layer.cpp's LayerSetUp does (quoted at each
+check): kernel, pad and stride each given one way, kernel > 0, pad < kernel, and
+with ``global_pooling`` no kernel, pad 0 and stride 1.
 """
 from __future__ import annotations
 
 import math
 
 from .registry import need, shape_rule
+from .structure import Refused
+
+
+def _given(p: dict, key: str) -> bool:
+    return p.get(key) is not None
+
+
+def _pair(p: dict, name: str, default: int) -> tuple[int, int]:
+    """``name`` or ``name_h`` and ``name_w``: "pad is pad OR pad_h and pad_w are required."
+    (CHECK((!has_pad() && has_pad_h() && has_pad_w()) || (!has_pad_h() && !has_pad_w())),
+    likewise for stride and kernel_size)."""
+    key = "kernel_size" if name == "kernel" else name
+    h, w = _given(p, f"{name}_h"), _given(p, f"{name}_w")
+    if h or w:
+        if not (h and w) or _given(p, key):
+            raise Refused(f"pooling_param.{name}_h", f"give {key} OR both {name}_h and "
+                          f"{name}_w")
+        return p[f"{name}_h"], p[f"{name}_w"]
+    if _given(p, key):
+        return p[key], p[key]
+    return default, default
 
 
 @shape_rule("Pooling")
 def _pool(layer, ins):
     (x,) = need(ins, 1)[:1]
     p = layer.params.get("pooling_param", {})
+    if len(x) != 4:
+        raise Refused("bottom", f"Pooling needs a 4-D input, has shape {list(x)}")
     n, c, h, w = x
+    sh, sw = _pair(p, "stride", 1)
+    ph, pw = _pair(p, "pad", 0)
     if p.get("global_pooling", False):
-        kh, kw, sh, sw, ph, pw = h, w, 1, 1, 0, 0
+        # "With Global_pooling: true Filter size cannot specified"
+        if _given(p, "kernel_size") or _given(p, "kernel_h") or _given(p, "kernel_w"):
+            raise Refused("pooling_param.kernel_size", "global_pooling takes no kernel size")
+        # "With Global_pooling: true; only pad = 0 and stride = 1"
+        if (ph, pw, sh, sw) != (0, 0, 1, 1):
+            raise Refused("pooling_param.global_pooling", "global pooling takes only pad 0 "
+                          "and stride 1")
+        kh, kw = h, w
     else:
-        kh = p.get("kernel_h", p.get("kernel_size"))
-        kw = p.get("kernel_w", p.get("kernel_size"))
-        if kh is None or kw is None:
-            raise ValueError("pooling kernel size is not set")
-        sh = p.get("stride_h", p.get("stride", 1))
-        sw = p.get("stride_w", p.get("stride", 1))
-        ph = p.get("pad_h", p.get("pad", 0))
-        pw = p.get("pad_w", p.get("pad", 0))
+        if not (_given(p, "kernel_size") or _given(p, "kernel_h") or _given(p, "kernel_w")):
+            raise Refused("pooling_param.kernel_size", "pooling kernel size is not set")
+        kh, kw = _pair(p, "kernel", 0)
+        # CHECK_GT(kernel_h_, 0) << "Filter dimensions cannot be zero."
+        if kh <= 0 or kw <= 0:
+            raise Refused("pooling_param.kernel_size", f"kernel {[kh, kw]}: filter "
+                          "dimensions cannot be zero")
+    # Caffe has no CHECK on the stride but divides by it in Reshape.
+    if sh <= 0 or sw <= 0:
+        raise Refused("pooling_param.stride", f"stride {[sh, sw]} must be positive")
+    if ph or pw:
+        # "Padding implemented only for average and max pooling."
+        if p.get("pool", "MAX") not in ("MAX", "AVE", 0, 1):
+            raise Refused("pooling_param.pad", f"padding with pool {p.get('pool')}: Caffe pads "
+                          "only average and max pooling")
+        # CHECK_LT(pad_h_, kernel_h_); CHECK_LT(pad_w_, kernel_w_);
+        if ph >= kh or pw >= kw:
+            raise Refused("pooling_param.pad", f"pad {[ph, pw]} must be smaller than the "
+                          f"kernel {[kh, kw]}")
     # BVLC's round_mode, or the older fork field ceil_mode (false = floor)
     floor = p.get("round_mode", "CEIL") == "FLOOR" or p.get("ceil_mode", True) is False
     rnd = math.floor if floor else math.ceil

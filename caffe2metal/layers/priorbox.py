@@ -66,7 +66,22 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["prior_boxes", "priors_per_cell"]
+from .structure import Refused
+
+__all__ = ["MAX_PRIORS", "prior_boxes", "priors_per_cell"]
+
+MAX_PRIORS = 1 << 24       # priors of one net: priors.dat up to 512 MiB, refused beyond
+_MAX_RATIOS = 1024         # aspect_ratio values of one layer (deduplicated pairwise, as Caffe)
+_F = "prior_box_param."
+
+
+def _positive(field: str, values: list[float], what: str = "must be positive") -> None:
+    """Caffe's CHECK_GT(value, 0); inf and NaN are refused too (NaN fails Caffe's CHECK,
+    inf gives inf corners)."""
+    for i, v in enumerate(values):
+        if not (v > 0 and math.isfinite(v)):
+            at = f"[{i}]" if len(values) > 1 else ""
+            raise Refused(_F + field + at, f"{v} {what} and finite")
 
 _Repeated = float | Sequence[float] | None
 
@@ -83,9 +98,16 @@ def _as_list(value: _Repeated) -> list[float]:
 
 
 def _aspect_ratios(aspect_ratio: _Repeated, flip: bool) -> list[np.float32]:
-    """Caffe's aspect-ratio list: 1.0 first, no duplicates, optional reciprocals."""
+    """Caffe's aspect-ratio list: 1.0 first, no duplicates, optional reciprocals.
+
+    Caffe does not CHECK the values, but 0 gives boxes of infinite height (1/sqrt(0)),
+    a negative one NaN (sqrt(-1)): refused, as are inf and NaN."""
+    values = _as_list(aspect_ratio)
+    if len(values) > _MAX_RATIOS:
+        raise Refused(_F + "aspect_ratio", f"{len(values)} values, more than {_MAX_RATIOS}")
+    _positive("aspect_ratio", values)
     ratios = [np.float32(1.0)]
-    for value in _as_list(aspect_ratio):
+    for value in values:
         ar = np.float32(value)
         if any(abs(float(ar) - float(existing)) < 1e-6 for existing in ratios):
             continue
@@ -97,21 +119,26 @@ def _aspect_ratios(aspect_ratio: _Repeated, flip: bool) -> list[np.float32]:
 
 
 def _sizes(min_size: _Repeated, max_size: _Repeated) -> tuple[list[float], list[float]]:
+    """prior_box_layer.cpp: ``CHECK(min_size_size() > 0) << "must provide min_size."``,
+    ``CHECK_GT(min_sizes_.back(), 0)``, ``CHECK_EQ(min_size_size(), max_size_size())``,
+    ``CHECK_GT(max_sizes_[i], min_sizes_[i])``.  Sizes are truncated to C++ ``int``:
+    at most 2^31 - 1."""
     mins = _as_list(min_size)
     maxs = _as_list(max_size)
     if not mins:
-        raise ValueError("PriorBox: must provide min_size")
-    for m in mins:
-        if not m > 0:
-            raise ValueError(f"PriorBox: min_size must be positive, got {m}")
+        raise Refused(_F + "min_size", "must provide min_size")
+    _positive("min_size", mins)
     if maxs:
         if len(maxs) != len(mins):
-            raise ValueError(
-                f"PriorBox: {len(mins)} min_size values but {len(maxs)} max_size values")
-        for lo, hi in zip(mins, maxs, strict=True):
-            if not hi > lo:
-                raise ValueError(
-                    f"PriorBox: max_size {hi} must be greater than min_size {lo}")
+            raise Refused(_F + "max_size", f"{len(mins)} min_size values but {len(maxs)} "
+                          "max_size values")
+        for i, (lo, hi) in enumerate(zip(mins, maxs, strict=True)):
+            if not hi > lo or not math.isfinite(hi):
+                raise Refused(_F + "max_size" + (f"[{i}]" if len(maxs) > 1 else ""),
+                              f"{hi} must be finite and greater than min_size {lo}")
+    for field, values in (("min_size", mins), ("max_size", maxs)):
+        if any(v >= 2**31 for v in values):
+            raise Refused(_F + field, f"{max(values)} does not fit Caffe's int box size")
     return mins, maxs
 
 
@@ -139,46 +166,69 @@ def _box_sizes(mins: list[float], maxs: list[float],
 
 
 def _variances(variance: _Repeated) -> np.ndarray:
+    """prior_box_layer.cpp: more than one variance ``CHECK_EQ(variance_size(), 4)``; each
+    ``CHECK_GT(variance(i), 0)``; none: 0.1."""
     values = _as_list(variance)
     if not values:
         values = [0.1]
     if len(values) not in (1, 4):
-        raise ValueError(f"PriorBox: need 1 or 4 variance values, got {len(values)}")
-    for v in values:
-        if not v > 0:
-            raise ValueError(f"PriorBox: variance must be positive, got {v}")
+        raise Refused(_F + "variance", f"need 1 or 4 values, got {len(values)}")
+    _positive("variance", values)
     return np.array(values, dtype=np.float32)
 
 
 def _image_size(image_hw: tuple[int, int], img_size, img_h, img_w) -> tuple[int, int]:
+    """prior_box_layer.cpp: "Either img_size or img_h/img_w should be specified; not
+    both.", ``CHECK_GT(img_h_, 0)``, ``CHECK_GT(img_w_, 0)``, ``CHECK_GT(img_size, 0)``."""
     if img_h is not None or img_w is not None:
         if img_size is not None:
-            raise ValueError("PriorBox: give either img_size or img_h/img_w, not both")
-        if img_h is None or img_w is None or not (img_h > 0 and img_w > 0):
-            raise ValueError("PriorBox: img_h and img_w must both be given and positive")
+            raise Refused(_F + "img_size", "give either img_size or img_h/img_w, not both")
+        if img_h is None or img_w is None:
+            raise Refused(_F + "img_h", "img_h and img_w must both be given")
+        _positive("img_h", [img_h])
+        _positive("img_w", [img_w])
         return int(img_h), int(img_w)
     if img_size is not None:
-        if not img_size > 0:
-            raise ValueError("PriorBox: img_size must be positive")
+        _positive("img_size", [img_size])
         return int(img_size), int(img_size)
     return int(image_hw[0]), int(image_hw[1])
 
 
 def _steps(feature_hw: tuple[int, int], img_hw: tuple[int, int],
            step, step_h, step_w) -> tuple[np.float32, np.float32]:
+    """prior_box_layer.cpp: "Either step or step_h/step_w should be specified; not both.",
+    ``CHECK_GT(step_h_, 0.)``, ``CHECK_GT(step_w_, 0.)``, ``CHECK_GT(step, 0)``; inf and
+    values beyond float32 are refused too."""
     if step_h is not None or step_w is not None:
         if step is not None:
-            raise ValueError("PriorBox: give either step or step_h/step_w, not both")
-        if step_h is None or step_w is None or not (step_h > 0 and step_w > 0):
-            raise ValueError("PriorBox: step_h and step_w must both be given and positive")
+            raise Refused(_F + "step", "give either step or step_h/step_w, not both")
+        if step_h is None or step_w is None:
+            raise Refused(_F + "step_h", "step_h and step_w must both be given")
+        _positive("step_h", [_f32(step_h)])
+        _positive("step_w", [_f32(step_w)])
         return np.float32(step_h), np.float32(step_w)
     if step is not None:
-        if not step > 0:
-            raise ValueError("PriorBox: step must be positive")
+        _positive("step", [_f32(step)])
         return np.float32(step), np.float32(step)
     # Caffe: static_cast<float>(img_width) / layer_width, in float.
     return (np.float32(img_hw[0]) / np.float32(feature_hw[0]),
             np.float32(img_hw[1]) / np.float32(feature_hw[1]))
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (inf beyond 3.4e38), as Caffe stores it."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
+
+
+def _check_params(variance, img_size, img_h, img_w, step, step_h, step_w, offset) -> None:
+    """The parameters that do not change the prior count, checked when the net is read."""
+    _variances(variance)
+    _image_size((1, 1), img_size, img_h, img_w)
+    _steps((1, 1), (1, 1), step, step_h, step_w)
+    # Caffe does not CHECK the offset; only inf/NaN (never a finite prior) is refused.
+    if not math.isfinite(offset):
+        raise Refused(_F + "offset", f"{offset} must be finite")
 
 
 def priors_per_cell(*, min_size: _Repeated = (), max_size: _Repeated = (),
@@ -195,6 +245,7 @@ def priors_per_cell(*, min_size: _Repeated = (), max_size: _Repeated = (),
     are accepted so that the same parameter dict can be passed to both.
     """
     mins, maxs = _sizes(min_size, max_size)
+    _check_params(variance, img_size, img_h, img_w, step, step_h, step_w, offset)
     return len(_aspect_ratios(aspect_ratio, bool(flip))) * len(mins) + len(maxs)
 
 
@@ -219,13 +270,24 @@ def prior_boxes(feature_hw: tuple[int, int], image_hw: tuple[int, int], *,
         raise ValueError(f"PriorBox: bad feature map size {feature_hw!r}")
 
     mins, maxs = _sizes(min_size, max_size)
+    _check_params(variance, img_size, img_h, img_w, step, step_h, step_w, offset)
     ratios = _aspect_ratios(aspect_ratio, bool(flip))
+    count = layer_h * layer_w * (len(ratios) * len(mins) + len(maxs))
+    if count > MAX_PRIORS:          # before anything of that size is allocated
+        raise Refused(_F + "min_size", f"{layer_h}x{layer_w} cells give {count} priors, more "
+                      f"than {MAX_PRIORS}")
     box_w, box_h = _box_sizes(mins, maxs, ratios)
     variances = _variances(variance)
     img_hh, img_ww = _image_size(image_hw, img_size, img_h, img_w)
     step_y, step_x = _steps((layer_h, layer_w), (img_hh, img_ww), step, step_h, step_w)
-    off = np.float32(offset)
+    off = np.float32(_f32(offset))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _corners(layer_h, layer_w, off, step_y, step_x, box_w, box_h, img_hh, img_ww,
+                        variances, clip)
 
+
+def _corners(layer_h, layer_w, off, step_y, step_x, box_w, box_h, img_hh, img_ww, variances,
+             clip) -> np.ndarray:
     # Cell centres in float32, as Caffe's float center_x / center_y.
     center_x = (np.arange(layer_w, dtype=np.float32) + off) * step_x  # [W]
     center_y = (np.arange(layer_h, dtype=np.float32) + off) * step_y  # [H]
@@ -246,6 +308,12 @@ def prior_boxes(feature_hw: tuple[int, int], image_hw: tuple[int, int], *,
     if clip:
         np.clip(coords, np.float32(0.0), np.float32(1.0), out=coords)
 
+    bad = np.flatnonzero(~np.isfinite(coords.reshape(-1)))
+    if bad.size:                    # float32 overflow of huge steps, offsets or sizes
+        row, col, prior, k = np.unravel_index(int(bad[0]), coords.shape)
+        raise Refused(_F + "step", f"prior {prior} of cell ({row}, {col}) would have "
+                      f"{('xmin', 'ymin', 'xmax', 'ymax')[k]} {coords[row, col, prior, k]} "
+                      "(step, offset or box size beyond float32)")
     out = np.empty((2, coords.size), dtype=np.float32)
     out[0] = coords.reshape(-1)
     if variances.size == 1:

@@ -7,15 +7,24 @@ blob.  DetectionOutput's row count depends on the data: [1][1][?][7].
 """
 from __future__ import annotations
 
-from .priorbox import priors_per_cell
+import math
+
+from .priorbox import MAX_PRIORS, priors_per_cell
 from .registry import need, shape_rule
+from .structure import Refused
 
 
 @shape_rule("PriorBox")
 def _priorbox(layer, ins):
     feat = need(ins, 1)[0]
     per_cell = priors_per_cell(**layer.params.get("prior_box_param", {}))
-    return [(1, 2, feat[2] * feat[3] * per_cell * 4)], []
+    if len(feat) != 4:
+        raise Refused("bottom", f"PriorBox needs a 4-D feature map, has shape {list(feat)}")
+    count = feat[2] * feat[3] * per_cell
+    if count > MAX_PRIORS:          # checked before priors.dat is computed
+        raise Refused("prior_box_param.min_size", f"{feat[2]}x{feat[3]} cells x {per_cell} "
+                      f"priors per cell = {count} priors, more than {MAX_PRIORS}")
+    return [(1, 2, count * 4)], []
 
 
 @shape_rule("Normalize")
@@ -27,4 +36,21 @@ def _normalize(layer, ins):
 
 @shape_rule("DetectionOutput")
 def _detection_output(layer, ins):
+    """SSD's detection_output_layer.cpp LayerSetUp: ``CHECK(has_num_classes()) << "Must
+    specify num_classes"`` (0 classes can match no confidence input: Reshape's
+    ``CHECK_EQ(num_priors_ * num_classes_, bottom[1]->channels())``),
+    ``CHECK_GE(nms_threshold_, 0.)``, ``CHECK_GT(eta_, 0.)``, ``CHECK_LE(eta_, 1.)``."""
+    p = layer.params.get("detection_output_param", {})
+    classes = p.get("num_classes")
+    if classes is None or classes <= 0:
+        raise Refused("detection_output_param.num_classes", "must be set and positive "
+                      f"(is {classes})")
+    nms = p.get("nms_param", {})
+    threshold = nms.get("nms_threshold", 0.3)
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise Refused("detection_output_param.nms_param.nms_threshold",
+                      f"{threshold} must be finite and non-negative")
+    eta = nms.get("eta", 1.0)
+    if not 0 < eta <= 1:
+        raise Refused("detection_output_param.nms_param.eta", f"{eta} must be in (0, 1]")
     return [(1, 1, None, 7)], []

@@ -14,6 +14,15 @@ from .activations import same_shape
 from .registry import axis_index, need, register, shape_rule
 
 
+class Refused(ValueError):
+    """A parameter Caffe's layer setup rejects (its CHECKs are the spec), raised by a shape
+    rule: ``net.shapes`` reports it as ``layer 'x': <field>: <message>``."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
 @shape_rule("Input")
 def _input(layer, ins):
     shapes = [tuple(s.get("dim", [])) for s in layer.params.get("input_param", {}).get("shape", [])]
@@ -111,9 +120,28 @@ def _permute(layer, ins):
 
 @shape_rule("Crop")
 def _crop(layer, ins):
+    """Caffe's crop_layer.cpp: LayerSetUp ``CHECK_EQ(bottom.size(), 2)``, ``CHECK_EQ(start_axis
+    + param.offset_size(), input_dim)`` when more than one offset is given; Reshape
+    ``CHECK_GE(bottom[0]->shape(i) - crop_offset, bottom[1]->shape(i))`` on every axis from
+    ``axis`` (and ``bottom[1]->shape(i)`` must exist)."""
+    if len(ins) != 2:
+        raise Refused("bottom", f"Crop takes 2 bottoms (the data and the size), has {len(ins)}")
     a, b = need(ins)[:2]
-    axis = axis_index(layer.params.get("crop_param", {}).get("axis", 2), len(a))
-    return [a[:axis] + b[axis:]], []
+    p = layer.params.get("crop_param", {})
+    axis = axis_index(p.get("axis", 2), len(a))
+    offsets = p.get("offset", [])
+    offsets = list(offsets) if isinstance(offsets, (list, tuple)) else [offsets]
+    if len(offsets) > 1 and axis + len(offsets) != len(a):
+        raise Refused("crop_param.offset", f"{len(offsets)} offsets for the {len(a) - axis} "
+                      f"axes from axis {axis} (give one, or one per axis)")
+    if len(b) < len(a):
+        raise Refused("bottom", f"the size bottom has {len(b)} axes, the data {len(a)}")
+    for i in range(axis, len(a)):
+        off = offsets[0] if len(offsets) == 1 else offsets[i - axis] if offsets else 0
+        if off < 0 or a[i] - off < b[i]:
+            raise Refused("crop_param.offset", f"the crop of axis {i} (size {b[i]} at offset "
+                          f"{off}) is outside the input's {a[i]}")
+    return [a[:axis] + b[axis:len(a)]], []
 
 
 @shape_rule("ArgMax")

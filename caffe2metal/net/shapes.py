@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import GraphError
 from ..graph import Graph
 from ..layers import Unknown, registry
+from ..layers.structure import Refused
 
 Shape = tuple
 
@@ -72,6 +73,8 @@ def infer(graph: Graph) -> Shapes:
                 tops, params = fn(layer, ins)
             except Unknown:
                 tops, params = [None] * len(layer.tops), None
+            except Refused as e:            # a parameter Caffe's setup rejects: field, why
+                raise GraphError(str(e), file=graph.source, layer=layer.name) from None
             except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError,
                     OverflowError) as e:
                 raise GraphError(f"cannot infer output shape ({type(e).__name__}: {e})",

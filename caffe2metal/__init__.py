@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import Caffe2MetalError, ExportError, GraphError, ModelFormatError
+from .errors import (
+    Caffe2MetalError,
+    ExportError,
+    GraphError,
+    ModelFormatError,
+    VerificationUnavailable,
+)
 
 __version__ = "0.1.0"
 
 _RESULTS = ("Conversion", "DirectoryComparison", "Example", "Inspection", "Skipped",
             "Verification")
 
-__all__ = ["Caffe2MetalError", "ExportError", "GraphError", "ModelFormatError", "compare",
+__all__ = ["Caffe2MetalError", "ExportError", "GraphError", "ModelFormatError",
+           "VerificationUnavailable", "compare",
            "convert", "example", "inspect", "verify", *_RESULTS]
 
 
@@ -39,25 +46,32 @@ def _api():
     return importlib.import_module(".api", __name__)
 
 
-def inspect(prototxt, caffemodel=None):
+def inspect(prototxt, caffemodel=None, *, input_shapes=None):
     """Read a net (and its weights, when given): layers, shapes, counts and fold plan.
     Returns an ``Inspection``; see ``caffe2metal.api.inspect``."""
-    return _api().inspect(prototxt, caffemodel)
+    return _api().inspect(prototxt, caffemodel, input_shapes=input_shapes)
 
 
 def convert(prototxt, caffemodel=None, out=None, *, dtype="float32", naming="apple",
-            metal=True, verify=False, progress=None):
+            metal=True, verify=False, progress=None, input_shapes=None, image=None, mean=None,
+            scale=None, channel_order=None, seed=0):
     """Fold BatchNorm/Scale; write the merged Caffe model, Metal weights (``dtype``
-    float32 or float16) and manifest.json into ``out``; with ``verify`` check them.
+    float32 or float16) and manifest.json into ``out``; with ``verify`` check them
+    (on ``image`` preprocessed with ``mean``, ``scale``, ``channel_order``).
     Returns a ``Conversion``; see ``caffe2metal.api.convert``."""
     return _api().convert(prototxt, caffemodel, out, dtype=dtype, naming=naming, metal=metal,
-                          verify=verify, progress=progress)
+                          verify=verify, progress=progress, input_shapes=input_shapes,
+                          image=image, mean=mean, scale=scale, channel_order=channel_order,
+                          seed=seed)
 
 
-def verify(prototxt, caffemodel, out, *, image=None, seed=0):
+def verify(prototxt, caffemodel, out, *, image=None, seed=0, mean=None, scale=None,
+           channel_order=None, input_shapes=None):
     """Recompute every Metal layer from ``out``'s files and compare it with the original
-    model in OpenCV, and the merged model end to end.  Returns a ``Verification``."""
-    return _api().verify(prototxt, caffemodel, out, image=image, seed=seed)
+    model in OpenCV, and the merged model end to end.  Returns a ``Verification``;
+    raises ``VerificationUnavailable`` when OpenCV cannot run the model."""
+    return _api().verify(prototxt, caffemodel, out, image=image, seed=seed, mean=mean,
+                         scale=scale, channel_order=channel_order, input_shapes=input_shapes)
 
 
 def compare(dir_a, dir_b):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import Caffe2MetalError, ExportError
+from .errors import Caffe2MetalError, ExportError, VerificationUnavailable
 
 if TYPE_CHECKING:
     from .fold import Fold, Kept
@@ -45,12 +45,6 @@ NAMINGS = ("apple", "forge")
 __all__ = ["Conversion", "DirectoryComparison", "Example", "Inspection", "Skipped",
            "Verification", "VerificationUnavailable", "compare", "convert", "example",
            "inspect", "verify"]
-
-
-class VerificationUnavailable(Caffe2MetalError):
-    """The verification could not run although its input is fine: OpenCV cannot
-    load or run the model (a layer it lacks), OpenCV is missing, out of memory.
-    The command line's exit status 3."""
 
 
 
@@ -292,11 +286,9 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
                           "--verify")
     # imported when called: the pipeline brings in numpy (0.10 s, -X importtime); OpenCV
     # and tqdm only come with verify=True and the progress bar
-    from .net.reader import given_input_shapes
     from .pipeline import convert as run
-    with given_input_shapes(shapes):
-        done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
-                   progress=progress)
+    done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
+               progress=progress, input_shapes=shapes)
     checked, error = None, None
     if verify:
         try:
@@ -376,18 +368,11 @@ def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
             input_shapes=None) -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
     # (0.08 s more) at its first forward pass
-    from .net.reader import given_input_shapes
     from .pipeline import default_weights
     from .verification import verify as run
     try:
-        with given_input_shapes(input_shapes):
-            report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image,
-                         seed=seed)
-    except Caffe2MetalError as e:
-        if _raised_by_opencv(e):
-            raise VerificationUnavailable(e.message, file=e.file, layer=e.layer,
-                                          blob=e.blob) from None
-        raise
+        report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image,
+                     seed=seed, input_shapes=input_shapes)
     except (ImportError, MemoryError) as e:
         raise VerificationUnavailable(f"{type(e).__name__}: {e}") from None
     except Exception as e:          # noqa: BLE001  an OpenCV error no check turned into ours
@@ -420,16 +405,6 @@ def example(directory: PathLike) -> Example:
         raise ExportError(f"cannot write the example: {e.strerror or e}",
                           file=e.filename or directory) from None
     return Example(Path(proto), Path(weights))
-
-
-def _raised_by_opencv(e: BaseException) -> bool:
-    """Whether ``e`` comes from running the model in OpenCV (``verification.opencv``:
-    OpenCV cannot load or run it), not from the user's files."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__") == \
-        "caffe2metal.verification.opencv"
 
 
 def _files(out: Path) -> list[Path]:

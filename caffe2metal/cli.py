@@ -30,7 +30,7 @@ import gc
 import os
 import sys
 
-from .errors import Caffe2MetalError, one_line
+from .errors import Caffe2MetalError, VerificationUnavailable, one_line
 
 OK, FAILED, BAD_INPUT, NOT_VERIFIED, INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -234,11 +234,10 @@ def main(argv=None) -> int:
         _silence_stdout()
         _error(f"cannot write the report to stdout: {e}")
         return FAILED
+    except VerificationUnavailable as e:
+        _error(f"could not verify: {e}")
+        return NOT_VERIFIED
     except Caffe2MetalError as e:
-        from .api import VerificationUnavailable
-        if isinstance(e, VerificationUnavailable):
-            _error(f"could not verify: {e}")
-            return NOT_VERIFIED
         _error(f"error: {e}")
         return BAD_INPUT
     except KeyboardInterrupt:

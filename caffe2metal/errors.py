@@ -45,5 +45,11 @@ class GraphError(Caffe2MetalError):
     """A net whose structure is inconsistent (unknown bottom, wrong blob count, ...)."""
 
 
+class VerificationUnavailable(Caffe2MetalError):
+    """The verification could not run although its input is fine: OpenCV cannot load
+    or run the model (a layer it lacks), OpenCV is missing, out of memory.  The
+    command line's exit status 3."""
+
+
 class ExportError(Caffe2MetalError):
     """Something that cannot be written as asked (name clash, unsupported layout, ...)."""

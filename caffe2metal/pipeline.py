@@ -34,7 +34,7 @@ from .errors import ExportError, ModelFormatError
 from .export.caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
 from .export.output import atomic_directory
 from .export.writeback import WriteBehind
-from .net.reader import Model, read_model
+from .net.reader import InputShapes, Model, read_model
 
 FORMAT, VERSION = "caffe2metal", 1
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
@@ -65,24 +65,26 @@ def default_out(prototxt: str | os.PathLike) -> Path:
 
 
 def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: str = "float32",
-            naming: str = "apple", progress: bool | None = None) -> Result:
+            naming: str = "apple", progress: bool | None = None,
+            input_shapes: InputShapes | None = None) -> Result:
     """Run the pipeline (see the module doc) and return what was written.
 
     ``progress``: True/False force the stderr progress bar on/off; None (the
     default) shows it for big caffemodels when stderr is a terminal.
+    ``input_shapes``: shapes for inputs the prototxt does not give (``read_model``).
     """
     caffemodel = caffemodel or default_weights(prototxt)
     out = Path(out) if out else default_out(prototxt)
     bar = _Progress(caffemodel, steps=3 if metal else 2, enabled=progress)
     try:
-        return _convert(prototxt, caffemodel, out, metal, dtype, naming, bar)
+        return _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes)
     finally:
         bar.close()
 
 
-def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar) -> Result:
+def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes) -> Result:
     bar.stage("reading")
-    model = read_model(prototxt, caffemodel)
+    model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
     graph = model.graph
     the_plan = fold.plan(graph)
     merged = fold.apply(graph, the_plan, lazy=True)     # folded as written, block by block

@@ -33,10 +33,8 @@ Train/test prototxts
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..caffe import prototxt
@@ -48,30 +46,14 @@ from .model import Model
 from .names import BlobNames
 from .weights import attach_weights
 
-__all__ = ["DATA_TYPES", "InputShapes", "Model", "attach_weights", "given_input_shapes",
-           "parse_input_shape", "read_model", "read_prototxt"]
+__all__ = ["DATA_TYPES", "InputShapes", "Model", "attach_weights", "parse_input_shape",
+           "read_model", "read_prototxt"]
 
 # Layers that read training data (Caffe's and the SSD fork's): a train/test prototxt's input
 DATA_TYPES = frozenset({"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData",
                         "WindowData", "AnnotatedData"})
 
 InputShapes = Mapping[str, Sequence[int]]     # blob (or layer) name, "" = the only input -> shape
-
-# --input-shape for the reads of one command (the API sets it around the pipeline and
-# verification, which call read_model themselves)
-_GIVEN: contextvars.ContextVar[InputShapes | None] = contextvars.ContextVar(
-    "caffe2metal_input_shapes", default=None)
-
-
-@contextlib.contextmanager
-def given_input_shapes(shapes: InputShapes | None) -> Iterator[None]:
-    """Within the block, :func:`read_model` uses ``shapes`` unless given others."""
-    token = _GIVEN.set(dict(shapes) if shapes else None)
-    try:
-        yield
-    finally:
-        _GIVEN.reset(token)
-
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``[NAME=]N,C,H,W`` -> (NAME or "", shape); ModelFormatError when malformed."""
@@ -91,10 +73,9 @@ def read_model(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None
                allow_unknown_inputs: bool = False) -> Model:
     """The net (TEST phase, as a deploy net) and its weights.
 
-    ``input_shapes``: see the module doc (default: what :func:`given_input_shapes`
-    set).  A net input with no shape is an error unless ``allow_unknown_inputs``."""
-    model = read_prototxt(prototxt, input_shapes=input_shapes if input_shapes is not None
-                          else _GIVEN.get())
+    ``input_shapes``: see the module doc.  A net input with no shape is an error
+    unless ``allow_unknown_inputs``."""
+    model = read_prototxt(prototxt, input_shapes=input_shapes)
     if model.missing_inputs and not allow_unknown_inputs:
         raise ModelFormatError(model.missing_inputs[0], file=model.prototxt)
     if caffemodel is not None:

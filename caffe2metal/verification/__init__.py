@@ -81,7 +81,7 @@ import numpy as np
 from .. import fold
 from ..errors import Caffe2MetalError
 from ..graph import Graph, Layer
-from ..net.reader import Model, read_model, read_prototxt
+from ..net.reader import InputShapes, Model, read_model, read_prototxt
 from . import fork_layers
 from .compare import Comparison, ComparisonRow, compare, render_comparison
 from .files import _entries, load_manifest, read_array
@@ -98,10 +98,11 @@ __all__ = ["END_TO_END_TOLERANCE", "TOLERANCE", "Comparison", "ComparisonRow", "
 
 
 def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str | os.PathLike,
-           *, image: str | os.PathLike | None = None, seed: int = 0) -> Report:
+           *, image: str | os.PathLike | None = None, seed: int = 0,
+           input_shapes: InputShapes | None = None) -> Report:
     out = Path(out)
     manifest = load_manifest(out)
-    model = read_model(prototxt, caffemodel)
+    model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
     graph = model.graph
     merged = fold.apply(graph, fold.plan(graph))
     by_name = {layer.name: layer for layer in merged.layers}

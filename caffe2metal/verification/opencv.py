@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..caffe.caffemodel import write_caffemodel
-from ..errors import Caffe2MetalError
+from ..errors import Caffe2MetalError, VerificationUnavailable
 from ..export.caffe import merged_layers, merged_prototxt
 from ..fold import Plan
 from ..graph import Graph
@@ -85,7 +85,7 @@ def _opencv(prototxt_text: str, caffemodel: Path) -> cv2.dnn.Net:
     try:
         return opencv_net(prototxt_text, Path(caffemodel).read_bytes(), fusion=False)
     except cv2.error as e:
-        raise Caffe2MetalError(f"OpenCV cannot load this model: {_cv_message(e)}",
+        raise VerificationUnavailable(f"OpenCV cannot load this model: {_cv_message(e)}",
                                file=caffemodel) from None
     except OSError as e:
         raise Caffe2MetalError(f"cannot read: {e.strerror}", file=caffemodel) from None
@@ -121,8 +121,8 @@ def _cv_pins(graph: Graph, net: cv2.dnn.Net, drop: Collection[str] = (),
                if layer.type != "Input" and layer.type not in drop and key not in cut
                and layer.tops and pins[(id(layer), 0)][0] not in have]
     if missing:
-        raise Caffe2MetalError(f"OpenCV's net has no layer {missing[0]!r}: its layer list does not "
-                               "match this prototxt", file=graph.source)
+        raise VerificationUnavailable(f"OpenCV's net has no layer {missing[0]!r}: its layer list "
+                                      "does not match this prototxt", file=graph.source)
     return pins
 
 
@@ -159,7 +159,7 @@ def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs:
             return [[np.array(o, np.float32) for o in outs]
                     for outs in net.forwardAndRetrieve(names)]
         except cv2.error as e:
-            raise Caffe2MetalError(f"OpenCV cannot run this model: {_cv_message(e)}",
+            raise VerificationUnavailable(f"OpenCV cannot run this model: {_cv_message(e)}",
                                    file=graph.source) from None
 
     by_layer = dict(zip(first, run(first), strict=True)) if first else {}

@@ -22,6 +22,7 @@ from ..errors import Caffe2MetalError
 from ..graph import Layer
 from ..layers import registry
 from ..net.reader import Model
+from ..verification import fork_layers
 from ..verification.opencv import caffemodel_bytes, opencv_net, opencv_text
 
 __all__ = ["calibrate", "init_weights", "random_inputs",
@@ -209,16 +210,20 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4,
 
     samples = random_inputs(model, seed + 1, batch)
     feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
+    # fork layers OpenCV lacks run as numpy layers, as in verify (and are cut where none is)
+    forks = fork_layers.plan(g, drop)
     # OpenCV keeps no reference of its own to what it is given: hold this one until the end
     batch_stats_norm = functools.partial(BatchStatsNorm, bns=bns, seen=seen)
     # (both are duck-typed OpenCV layers: getMemoryShapes and forward)
     cv2.dnn_registerLayer("BatchNorm", batch_stats_norm)  # type: ignore[arg-type]
     cv2.dnn_registerLayer("Scale", ChannelScale)  # type: ignore[arg-type]
     try:
-        net = opencv_net(opencv_text(model, drop), caffemodel_bytes(model))
-        for name, x in feed.items():
-            net.setInput(x, name)
-        net.forward(net.getUnconnectedOutLayersNames())
+        with fork_layers.registered(forks):
+            net = opencv_net(opencv_text(model, drop, rename=forks.rename, cut=forks.cut),
+                             caffemodel_bytes(model))
+            for name, x in feed.items():
+                net.setInput(x, name)
+            net.forward(net.getUnconnectedOutLayersNames())
     finally:
         cv2.dnn_unregisterLayer("BatchNorm")
         cv2.dnn_unregisterLayer("Scale")

@@ -46,11 +46,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import stat
 from collections.abc import Callable, Iterable
-from typing import BinaryIO
 
 from ..errors import Caffe2MetalError, ExportError, ModelFormatError
+from ..paths import open_regular, read_all
 from .records import PROTO_BYTES_LIMIT, CaffeModel, ModelLayer
 from .v1 import V1_LAYER_TYPES
 from .wire_reader import MAX_BLOB_AXES as MAX_BLOB_AXES
@@ -72,6 +71,12 @@ __all__ = [
 # _varint_bytes (tests and tools/fuzz.py encode with it), _SMALL_BLOB, _FRAME_BUFFER and
 # _WRITE_CHUNK (write_caffemodel passes this module's value on, so patching it here works).
 
+# Files up to this size are read into memory; bigger ones are memory-mapped.  A mapped
+# file that is truncated while it is read kills the process with SIGBUS, which Python
+# cannot catch (its partial output directory is then removed by the next run, see
+# export.output); a copy cannot change under the reader.
+COPY_BYTES = 1 << 30
+
 
 def parse_caffemodel(data: ByteSource, *,
                      file: str = "<memory>") -> CaffeModel:
@@ -87,47 +92,38 @@ def read_caffemodel(path: str | os.PathLike, *, allow_empty: bool = False) -> Ca
     """Read a binary caffemodel: its layers in file order, as a
     :class:`CaffeModel` (a ``list[ModelLayer]`` with ``net_name``).
 
-    The file is memory-mapped read-only and the blobs are views of the
-    mapping; nothing needs closing (see the module doc).  Raises
+    A file up to ``COPY_BYTES`` is read into memory (nothing can change it under
+    the reader), a bigger one memory-mapped read-only; the blobs are views of
+    that buffer and nothing needs closing (see the module doc).  Only a regular
+    file is read: a FIFO, socket or device is refused before reading (never a
+    hang), as is a name that is not valid UTF-8.  Raises
     :class:`ModelFormatError` for anything that is not a well-formed
     caffemodel and :class:`Caffe2MetalError` if the file cannot be opened.
     ``allow_empty`` accepts a file with no layers (what a net without any
     parameter blobs is saved as; Caffe accepts it too).
     """
-    path = os.fspath(path)
+    fd, st = open_regular(path, "caffemodel")
+    path = os.fsdecode(path)
     buf: ByteSource
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):      # pipe, /dev/stdin, a device, ...
-                buf = _read_bounded(f, path)
-            elif st.st_size == 0:
-                if allow_empty:
-                    return CaffeModel(path=path)
-                raise ModelFormatError("file is empty, expected a binary caffemodel",
-                                       file=path)
-            else:
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as err:
-        raise Caffe2MetalError(f"cannot read caffemodel: {err.strerror or err}",
-                               file=path) from None
-    return _Parser(buf, path, allow_empty).parse()
-
-
-def _read_bounded(f: BinaryIO, path: str) -> bytes:
-    """A non-regular file's bytes, never more than Caffe's limit (a device never ends)."""
-    buf = bytearray()
-    while True:
-        chunk = f.read(1 << 20)
-        if not chunk:
-            return bytes(buf)
-        if not buf and chunk[:1] == b"\x00":
-            raise ModelFormatError("starts with a zero byte (field number 0): not a caffemodel",
-                                   file=path)
-        buf += chunk
-        if len(buf) > PROTO_BYTES_LIMIT:
+        if st.st_size == 0:
+            if allow_empty:
+                return CaffeModel(path=path)
+            raise ModelFormatError("file is empty, expected a binary caffemodel", file=path)
+        if st.st_size > PROTO_BYTES_LIMIT:
             raise ModelFormatError(f"larger than Caffe's limit of {PROTO_BYTES_LIMIT} bytes",
                                    file=path)
+        if st.st_size <= COPY_BYTES:
+            buf = memoryview(read_all(fd, st.st_size, path, "caffemodel")).toreadonly()
+        else:
+            try:
+                buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as err:
+                raise Caffe2MetalError(f"cannot read caffemodel: {err.strerror or err}",
+                                       file=path) from None
+    finally:
+        os.close(fd)
+    return _Parser(buf, path, allow_empty).parse()
 
 
 def write_caffemodel(path_or_fileobj, layers: Iterable, net_name: str = "", *,

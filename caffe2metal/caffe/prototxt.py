@@ -18,12 +18,14 @@ by ``caffe2metal.net.reader``.
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from google.protobuf import text_format
 
 from ..errors import ModelFormatError
+from ..paths import open_regular, read_all
 from . import textfill, textproto
 from .proto import caffe_pb2
 from .v1 import upgrade_v1
@@ -78,26 +80,20 @@ def _binary(path: str) -> ModelFormatError:
 
 
 def read_text(path: str) -> str:
-    """The file's text (UTF-8, BOM dropped), refusing binary data and huge files."""
+    """The file's text (UTF-8, BOM dropped), refusing binary data, huge files, names that
+    are not UTF-8 and anything but a regular file (a FIFO, a device: never a hang)."""
+    fd, st = open_regular(path, "prototxt", ModelFormatError)
+    path = os.fsdecode(path)
     try:
-        with open(path, "rb") as f:
-            chunks = [f.read(65536)]         # /dev/zero or a caffemodel: stop here
-            if b"\x00" in chunks[0]:
-                raise _binary(path)
-            size = len(chunks[0])
-            while chunk := f.read(1 << 20):
-                size += len(chunk)
-                if size > MAX_PROTOTXT_BYTES:
-                    raise ModelFormatError(f"is larger than {MAX_PROTOTXT_BYTES} bytes, the "
-                                           "most Caffe reads", file=path)
-                chunks.append(chunk)
-        raw = b"".join(chunks)
-    except FileNotFoundError:
-        raise ModelFormatError("no such file", file=path) from None
-    except IsADirectoryError:
-        raise ModelFormatError("is a directory, not a prototxt file", file=path) from None
-    except OSError as e:
-        raise ModelFormatError(f"cannot read: {e.strerror}", file=path) from None
+        if st.st_size > MAX_PROTOTXT_BYTES:
+            raise ModelFormatError(f"is larger than {MAX_PROTOTXT_BYTES} bytes, the "
+                                   "most Caffe reads", file=path)
+        head = os.pread(fd, 65536, 0) if hasattr(os, "pread") else b""
+        if b"\x00" in head:                 # a caffemodel: stop here
+            raise _binary(path)
+        raw = bytes(read_all(fd, st.st_size, path, "prototxt", ModelFormatError))
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

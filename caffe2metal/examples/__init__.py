@@ -11,6 +11,8 @@ BatchNorm.  Deterministic: the same files every time.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 STEM = "mobilenet_ssd_example"
@@ -207,17 +209,87 @@ layer {{
 
 
 def build(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``<STEM>.prototxt`` and ``<STEM>.caffemodel`` into ``directory``."""
+    """Write ``<STEM>.prototxt`` and ``<STEM>.caffemodel`` into ``directory``.
+
+    All or nothing, never through a planted link:
+
+    * a ``directory`` that does not exist is built like ``convert``'s OUT
+      (``export.output.atomic_directory``: a hidden sibling renamed into place
+      when complete; parents made for it are removed again on failure);
+    * an existing directory (it may hold other files: ``example .``) gets each
+      file as a temporary file next to it (``O_EXCL | O_NOFOLLOW``), renamed over
+      the final name only once both are complete.  A rename replaces a symbolic
+      link at that name, never writes through it; a failure removes the
+      temporary files and leaves the directory as it was;
+    * anything else (a file, a name that is not UTF-8) is an ExportError.
+    """
+    from ..errors import ExportError
+    from ..export.output import _owner_can_write, atomic_directory
+    from ..paths import check_name
+    d = Path(check_name(directory, ExportError))
+    proto, weights = d / f"{STEM}.prototxt", d / f"{STEM}.caffemodel"
+    try:
+        exists = os.path.lexists(d)
+        is_dir = d.is_dir()
+    except OSError as e:
+        raise ExportError(f"cannot write the example: {e.strerror or e}", file=d) from None
+    if exists and not is_dir:
+        raise ExportError("exists and is not a directory", file=d)
+    if not exists:
+        try:
+            with atomic_directory(d) as tmp:
+                _write_files(tmp, d, seed)
+        except ExportError as e:
+            if not e.message.startswith("cannot write the example"):
+                e.message = f"cannot write the example: {e.message}"
+                e.args = (str(e),)
+            raise
+        return proto, weights
+    with _owner_can_write():
+        _write_files(d, d, seed)
+    return proto, weights
+
+
+def _write_files(d: Path, final: Path, seed: int) -> None:
+    """Both files into ``d`` via temporary names, renamed into place together;
+    errors name the files under ``final``."""
+    from ..errors import Caffe2MetalError, ExportError
     from ..export.caffe import write_merged_caffemodel
+    from ..export.output import _signals_held
     from ..net.reader import read_prototxt
     from . import weights as synth
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    proto = d / f"{STEM}.prototxt"
-    proto.write_text(prototxt())
-    model = read_prototxt(proto)
-    synth.init_weights(model, seed)
-    synth.calibrate(model, seed)
-    weights = d / f"{STEM}.caffemodel"
-    write_merged_caffemodel(weights, model.graph)
-    return proto, weights
+    tag = f"{os.getpid()}.{os.urandom(4).hex()}"
+    names = (f"{STEM}.prototxt", f"{STEM}.caffemodel")
+    temps = [d / f".{n}.{tag}.tmp" for n in names]
+    current = final / names[0]
+    try:
+        fd = os.open(temps[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(prototxt())
+        model = read_prototxt(temps[0])
+        synth.init_weights(model, seed)
+        synth.calibrate(model, seed)
+        current = final / names[1]
+        write_merged_caffemodel(temps[1], model.graph)
+        with _signals_held():       # both renames, or (a failure) neither file changed
+            os.replace(temps[1], d / names[1])
+            current = final / names[0]
+            try:
+                os.replace(temps[0], d / names[0])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(d / names[1])
+                raise
+    except OSError as e:
+        raise ExportError(f"cannot write the example: {e.strerror or e}", file=current) from None
+    except Caffe2MetalError as e:
+        if e.file is not None:
+            for t, n in zip(temps, names, strict=True):
+                e.file = e.file.replace(str(t), str(final / n))
+            e.args = (str(e),)
+        raise
+    finally:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(t)

@@ -40,9 +40,11 @@ try:
 except ImportError:                 # Windows: no stale-directory cleanup
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import ExportError
+from ..errors import Caffe2MetalError, ExportError
+from ..paths import read_regular
 
 FORMAT = "caffe2metal"          # manifest.json "format" of an output directory we may replace
+MAX_MANIFEST_BYTES = 64 << 20   # an earlier output's manifest.json is never bigger
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
                  if s is not None)
 
@@ -53,9 +55,10 @@ def is_output_directory(path: str | os.PathLike) -> bool:
     try:
         if not any(path.iterdir()):
             return True
-        with open(path / "manifest.json", "rb") as f:
-            manifest = json.loads(f.read(64 << 20))
-    except (OSError, ValueError):
+        # never blocks (a FIFO planted as manifest.json), never reads more than 64 MiB
+        data = read_regular(path / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
+        manifest = json.loads(data)
+    except (OSError, ValueError, RecursionError, Caffe2MetalError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
@@ -167,14 +170,34 @@ def _check_replaceable(out: Path) -> None:
                               "output directory", file=out)
 
 
-def _make_partial(out: Path) -> tuple[Path, int | None]:
+def _missing_parents(out: Path) -> list[Path]:
+    """The ancestors of ``out`` that do not exist yet, outermost first."""
+    missing = []
+    for p in out.parents:
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing[::-1]
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the directories this run created for OUT (innermost first), if still empty."""
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _make_partial(out: Path, created: list[Path]) -> tuple[Path, int | None]:
     """The hidden sibling to write into, locked while this run lives (see the module doc).
-    Nothing is left behind when it cannot be made."""
+    Nothing is left behind when it cannot be made; ``created`` gets the parent
+    directories made for it."""
     try:
+        created += _missing_parents(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
+        _remove_created(created)
         raise ExportError(f"cannot create the output directory: {e.strerror}",
                           file=out) from None
     lock = None
@@ -190,6 +213,7 @@ def _make_partial(out: Path) -> tuple[Path, int | None]:
         if lock is not None:
             os.close(lock)
         _remove(tmp)
+        _remove_created(created)
         raise ExportError(f"cannot create the output directory: {e.strerror}",
                           file=out) from None
     return tmp, lock
@@ -216,25 +240,70 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
+def _owner_can_write():
+    """While the output is written, the umask never takes the owner's own permissions
+    away (``umask 0777`` would make the staging directory unusable, and its files
+    impossible to remove).  Group and other bits follow the user's umask.  The umask
+    is per process: other threads see the relaxed mask meanwhile."""
+    old = os.umask(0o022)
+    os.umask(old & 0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _outside_view(e: Caffe2MetalError, tmp: Path, out: Path) -> Caffe2MetalError:
+    """``e`` naming OUT's final paths instead of the staging directory's (which is gone
+    by the time anyone reads the message)."""
+    staged, final = str(tmp), str(out)
+
+    def fix(text):
+        return text.replace(staged, final) if isinstance(text, str) else text
+    if (e.file and staged in e.file) or staged in str(e.message):
+        e.file = fix(e.file)
+        e.message = fix(e.message)
+        e.args = (str(e),)
+    return e
+
+
+@contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike):
+    """Yield a staging directory that takes ``out``'s place when the block succeeds
+    (see the module doc); parent directories made for ``out`` are removed again
+    when it fails.  Errors name paths under ``out``, never the staging directory."""
     out = Path(out).absolute()
     _check_replaceable(out)
     tmp = lock = None
-    with _sigterm_unwinds():
+    created: list[Path] = []
+    swapped = False
+    with _sigterm_unwinds(), _owner_can_write():
         try:
             with _signals_held():    # a Ctrl-C arrives once tmp is known, so it is removed
-                tmp, lock = _make_partial(out)
+                tmp, lock = _make_partial(out, created)
             yield tmp
             with _signals_held():
                 _swap_in(tmp, out)
+                swapped = True
         except OSError as e:
-            if tmp is not None:
+            if not swapped and tmp is not None:
                 _remove(tmp)
-            raise ExportError(f"cannot write the output: {e.strerror or e}",
-                              file=e.filename if e.filename else out) from None
+                _remove_created(created)
+            name = e.filename if e.filename else out
+            if tmp is not None:
+                name = str(name).replace(str(tmp), str(out))
+            raise ExportError(f"cannot write the output: {e.strerror or e}", file=name) from None
+        except Caffe2MetalError as e:
+            if not swapped and tmp is not None:
+                _remove(tmp)
+                _remove_created(created)
+            if tmp is not None:
+                _outside_view(e, tmp, out)
+            raise
         except BaseException:
-            if tmp is not None:
+            if not swapped and tmp is not None:
                 _remove(tmp)
+                _remove_created(created)
             raise
         finally:
             if lock is not None:

@@ -1,11 +1,14 @@
 """`caffe2metal compare`: max |A - B| of every weights/bias file two output directories share.
 
 Files are matched by name, in DIR or DIR/metal; dtype from each directory's
-manifest.json when it lists the file, otherwise float32.
+manifest.json when it lists the file, otherwise float32.  The manifest is
+checked as ``verify`` checks it (only the file objects compare reads); files
+are read a block at a time, only regular ones.  A NaN in either file makes
+max |A-B| infinite: NaN is never within a tolerance.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +18,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import Caffe2MetalError
-from .files import _NP_DTYPES
+from ..paths import check_name, open_regular, read_all
+from .files import _NP_DTYPES, _Bad, check_manifest, read_manifest
 
 
 class ComparisonRow(NamedTuple):
@@ -39,29 +43,36 @@ class Comparison:
 def _weight_files(d: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """file name -> path for *.dat / *.bin in d and d/metal; file name -> dtype from a manifest."""
     d = Path(d)
-    if not d.is_dir():
-        raise Caffe2MetalError("is not a directory", file=d)
-    files: dict[str, Path] = {}
-    for sub in (d, d / "metal"):
-        if sub.is_dir():
-            for p in sorted(sub.iterdir()):
-                if p.is_file() and p.suffix in (".dat", ".bin"):
-                    files.setdefault(p.name, p)
+    check_name(d)
+    try:
+        if not d.is_dir():
+            raise Caffe2MetalError("is not a directory", file=d)
+        files: dict[str, Path] = {}
+        for sub in (d, d / "metal"):
+            if sub.is_dir():
+                for p in sorted(sub.iterdir()):
+                    if p.suffix in (".dat", ".bin") and p.is_file():
+                        files.setdefault(p.name, p)
+    except OSError as e:
+        raise Caffe2MetalError(f"cannot list: {e.strerror or e}",
+                               file=e.filename or d) from None
     dtypes: dict[str, str] = {}
     for m in (d / "manifest.json", d.parent / "manifest.json" if d.name == "metal" else None):
-        if m is not None and m.is_file():
+        if m is not None and os.path.lexists(m):
+            manifest = read_manifest(m)
             try:
-                manifest = json.loads(m.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise Caffe2MetalError(f"cannot read the manifest: {e}", file=m) from None
+                check_manifest(manifest, compare_only=True)
+            except _Bad as e:
+                raise Caffe2MetalError(f"malformed manifest: {e}", file=m) from None
             for spec in _file_specs(manifest):
-                dtypes[Path(spec["file"]).name] = spec.get("dtype", "float32")
+                dtypes[Path(spec["file"]).name] = spec["dtype"]
             break
     return files, dtypes
 
 
 def _file_specs(manifest: dict) -> Iterator[dict]:
-    for entry in manifest.get("layers", []) or []:
+    """The file objects of a manifest :func:`check_manifest` has checked for compare."""
+    for entry in manifest.get("layers") or []:
         for key in ("weights", "bias"):
             if isinstance(entry.get(key), dict):
                 yield entry[key]
@@ -73,12 +84,64 @@ def _file_specs(manifest: dict) -> Iterator[dict]:
         yield ssd["priors"]
 
 
-def _values(path: Path, dtype: str) -> np.ndarray | str:
-    data = path.read_bytes()
-    np_dtype = np.dtype(_NP_DTYPES.get(dtype, "<f4"))
-    if len(data) % np_dtype.itemsize:
-        return f"{len(data)} bytes is not a whole number of {dtype} values"
-    return np.frombuffer(data, np_dtype).astype(np.float64)
+_BLOCK = 1 << 22                # values compared at a time: memory stays bounded
+
+
+def _open(path: Path) -> tuple[int, int]:
+    fd, st = open_regular(path, "weight file")
+    return fd, st.st_size
+
+
+def _row(name: str, path_a: Path, path_b: Path, da: str, db: str) -> ComparisonRow:
+    """max |A| and max |A - B| of two files, a block at a time.  A NaN on either side
+    makes max |A - B| infinite (NaN is never within a tolerance); max |A| is of the
+    values that are not NaN."""
+    ta, tb = np.dtype(_NP_DTYPES[da]), np.dtype(_NP_DTYPES[db])
+    fa, size_a = _open(path_a)
+    try:
+        fb, size_b = _open(path_b)
+        try:
+            for size, t, dt in ((size_a, ta, da), (size_b, tb, db)):
+                if size % t.itemsize:
+                    return ComparisonRow(name, da, db, None, None, None,
+                                         f"{size} bytes is not a whole number of {dt} values")
+            n, m = size_a // ta.itemsize, size_b // tb.itemsize
+            if n != m:
+                return ComparisonRow(name, da, db, None, None, None, f"{n} values vs {m}")
+            peak = delta = 0.0
+            nans = 0
+            done = 0
+            while done < n:
+                k = min(_BLOCK, n - done)
+                a = _block(fa, k, ta, path_a)
+                b = _block(fb, k, tb, path_b)
+                bad = np.isnan(a) | np.isnan(b)
+                if bad.any():
+                    nans += int(bad.sum())
+                    a, b = a[~bad], b[~bad]
+                if a.size:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        d = np.abs(a - b)
+                    # inf - inf is NaN: two infinities of the same sign agree
+                    d[np.isnan(d)] = 0.0
+                    delta = max(delta, float(d.max()))
+                    peak = max(peak, float(np.abs(a).max()))
+                done += k
+            note = ""
+            if nans:
+                delta = math.inf
+                note = f"{nans} value(s) NaN in A or B: never within a tolerance"
+            return ComparisonRow(name, da, db, n, peak, delta, note)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+def _block(fd: int, count: int, dtype: np.dtype, path: Path) -> np.ndarray:
+    data = read_all(fd, count * dtype.itemsize, str(path), "weight file",
+                    to_end=False) if count else b""
+    return np.frombuffer(data, dtype).astype(np.float64)
 
 
 def compare(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> Comparison:
@@ -88,18 +151,7 @@ def compare(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> Comparison:
                         only_b=sorted(set(files_b) - set(files_a)))
     for name in sorted(set(files_a) & set(files_b)):
         da, db = dtypes_a.get(name, "float32"), dtypes_b.get(name, "float32")
-        a, b = _values(files_a[name], da), _values(files_b[name], db)
-        if isinstance(a, str):
-            result.rows.append(ComparisonRow(name, da, db, None, None, None, a))
-        elif isinstance(b, str):
-            result.rows.append(ComparisonRow(name, da, db, None, None, None, b))
-        elif a.size != b.size:
-            result.rows.append(ComparisonRow(name, da, db, None, None, None,
-                                             f"{a.size} values vs {b.size}"))
-        else:
-            delta = float(np.abs(a - b).max()) if a.size else 0.0
-            peak = float(np.abs(a).max()) if a.size else 0.0
-            result.rows.append(ComparisonRow(name, da, db, a.size, peak, delta, ""))
+        result.rows.append(_row(name, files_a[name], files_b[name], da, db))
     return result
 
 

@@ -109,3 +109,26 @@ def test_fuzz_loop_reports_counts(tmp_path):
     assert stats["inputs"] == 10
     assert stats["ok"] + stats["error"] == 10, lines
     assert stats["failures"] == 0 and not (tmp_path / "crashes").exists()
+
+
+def test_hostile_manifests_through_verify_and_compare(tmp_path):
+    """tools/fuzz.py's manifest generator, bounded: every outcome is a result or one
+    error line, nothing written."""
+    import json
+    import random
+    rnd = random.Random(7)
+    base = tmp_path / "base"
+    manifest = json.loads((fuzz._base_output(str(base))[2] / "manifest.json").read_text())
+    results = {fuzz.run_manifest(fuzz.mutate_manifest(rnd, manifest), tmp_path / "w", base)
+               for _ in range(25)}
+    assert "error" in results
+
+
+@pytest.mark.parametrize("kind", ["link_at_name", "file", "nested"])
+def test_hostile_example_targets(tmp_path, kind, monkeypatch):
+    import random
+
+    class Pick(random.Random):
+        def choice(self, seq):
+            return kind if seq is fuzz.EXAMPLE_TARGETS else seq[0]
+    assert fuzz.run_example(Pick(0), tmp_path / "w") in ("ok", "error")

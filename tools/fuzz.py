@@ -37,7 +37,17 @@ uncaught exception, a run longer than the time limit (a hang), a
 ``MemoryError`` under the address-space limit (unbounded memory), a file
 written outside OUT, a partial OUT left behind after an error, a thread left
 running, an OUT that lacks its manifest after a success, or an input that
-``inspect`` rejects but ``convert`` accepts (both read it the same way).  Failing
+``inspect`` rejects but ``convert`` accepts (both read it the same way).
+
+About a quarter of the inputs instead run ``verify`` and ``compare`` on a real
+output (the ``tiny`` seed converted once) whose ``manifest.json`` is mutated
+(``mutate_manifest``: keys deleted, hostile values of every type, huge numbers,
+path traversal, deep nesting, NaN, truncated or non-UTF-8 bytes); both must end
+in a result or one ``caffe2metal: ...`` error line and write nothing.  One in
+fifty runs ``example`` into a hostile target (``EXAMPLE_TARGETS``: a file, a
+link, FIFO or directory at a target name, missing parents, a name that is not
+UTF-8): it must never write through a link nor leave temporary files, partial
+directories or the parents it made.  Failing
 inputs are saved to the crash directory as ``<id>.prototxt``, ``<id>.caffemodel`` and ``<id>.txt``
 (what went wrong, with the traceback).
 """
@@ -738,6 +748,164 @@ def _run_cli(argv: list[str], seconds: float, memory: int | None,
     return status, stdout.getvalue(), stderr.getvalue()
 
 
+# ---------------------------------------------------------------- verify, compare, example
+
+HOSTILE_VALUES = [None, True, False, 0, -1, 1, 2**31, 10**30, -10**30, 1.5, -0.0, 1e308, "",
+                  "x", "../../etc/passwd", "/etc/passwd", "metal/../../x", "metal/\u0000",
+                  "C:\\x", "..", ".", "float64", "int8", [], [0], [-1], [1, 2, 3, 4, 5],
+                  [10**6] * 4, [2**40, 2**40], ["1"], [None], [[1]], {}, {"file": 1},
+                  {"file": "metal/x", "dtype": "float32", "shape": [1]}, [True, 1]]
+
+
+def _paths(value, prefix=()):
+    """Every path (tuple of keys/indices) into a JSON value."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:8]):
+            yield from _paths(v, prefix + (i,))
+
+
+def mutate_manifest(rnd: random.Random, manifest: dict) -> bytes:
+    """A damaged or hostile ``manifest.json``: wrong types, deletions, deep nesting,
+    huge numbers, path traversal, NaN, truncated or non-UTF-8 bytes."""
+    m = json.loads(json.dumps(manifest))
+    tail = ""
+    for _ in range(rnd.choice([1, 1, 2, 3, 6])):
+        paths = list(_paths(m))
+        path = rnd.choice(paths[1:] or paths)
+        parent = m
+        for k in path[:-1]:
+            parent = parent[k]
+        key = path[-1] if path else None
+        op = rnd.randrange(8)
+        if key is None or op == 7:
+            tail = rnd.choice(["deep", "truncate", "bytes", "nan", "top"])
+            continue
+        if op in (0, 1):                                   # delete
+            del parent[key]
+        elif op in (2, 3, 4):                              # a hostile value
+            parent[key] = rnd.choice(HOSTILE_VALUES)
+        elif op == 5:                                      # wrapped in a list / object
+            parent[key] = rnd.choice([[parent[key]], {"v": parent[key]}])
+        else:                                              # another value of the file
+            other = rnd.choice(paths)
+            v = m
+            for k in other:
+                v = v[k]
+            parent[key] = json.loads(json.dumps(v))
+    text = json.dumps(m)
+    if tail == "deep":
+        text = text[:-1] + ', "layers": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    elif tail == "nan":
+        text = text.replace("1", "NaN", 1)
+    elif tail == "top":
+        text = rnd.choice(["[]", "null", "1", '"caffe2metal"', "[" + text + "]"])
+    data = text.encode()
+    if tail == "truncate":
+        data = data[:rnd.randrange(len(data) + 1)]
+    elif tail == "bytes":
+        i = rnd.randrange(len(data) + 1)
+        data = data[:i] + bytes([rnd.randrange(128, 256)]) + data[i:]
+    return data
+
+
+@functools.cache
+def _base_output(root: str) -> tuple[Path, Path, Path]:
+    """A real conversion of the ``tiny`` seed (prototxt, caffemodel, OUT) under ``root``."""
+    from caffe2metal.pipeline import convert
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    proto, weights = d / "tiny.prototxt", d / "tiny.caffemodel"
+    proto.write_text(TINY)
+    weights.write_bytes(_synth_weights(TINY))
+    convert(proto, weights, d / "out")
+    return proto, weights, d / "out"
+
+
+def _cli_outcome(argv: list[str], seconds: float, what: str, ok: tuple[int, ...]) -> int:
+    status, _, err = _run_cli(argv, seconds, 2 << 30, what=what)
+    if status not in ok:
+        raise Failure(f"{what}exit status {status}, expected one of {ok}; stderr: {err!r}")
+    if status in (2, 3):
+        lines = err.splitlines()
+        if len(lines) != 1 or not lines[0].startswith("caffe2metal: ") or "Traceback" in err:
+            raise Failure(f"{what}stderr is not one 'caffe2metal: ...' line: {err!r}")
+    return status
+
+
+def run_manifest(manifest: bytes, workdir: str | os.PathLike, base_root: str | os.PathLike,
+                 seconds: float = 30.0) -> str:
+    """``verify`` and ``compare`` on a copy of a real OUT with ``manifest`` as its
+    manifest.json: "ok" or "error", else raise Failure."""
+    proto, weights, base = _base_output(str(base_root))
+    work = Path(workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "out"
+    shutil.copytree(base, out)
+    (out / "manifest.json").write_bytes(manifest)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    v = _cli_outcome(["verify", str(proto), str(weights), str(out)], seconds, "verify: ",
+                     (0, 1, 2, 3))
+    c = _cli_outcome(["compare", str(base), str(out)], seconds, "compare: ", (0, 2))
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if after != before or {p.name for p in work.iterdir()} != {"out"}:
+        raise Failure("verify or compare changed or wrote files")
+    return "error" if 2 in (v, c) else "ok"
+
+
+EXAMPLE_TARGETS = ("new", "nested", "existing", "file", "file_parent", "link_at_name",
+                   "dangling_link_at_name", "fifo_at_name", "dir_at_name", "not_utf8")
+
+
+def run_example(rnd: random.Random, workdir: str | os.PathLike, seconds: float = 120.0) -> str:
+    """``example`` into a hostile target: "ok" or "error", else raise Failure."""
+    from caffe2metal.examples import STEM
+    work = Path(workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    victim = work / "victim"
+    victim.write_text("secret")
+    kind = rnd.choice(EXAMPLE_TARGETS)
+    target = work / "ex"
+    name = target / f"{STEM}.{rnd.choice(['prototxt', 'caffemodel'])}"
+    if kind == "nested":
+        target = work / "a" / "b" / "ex"
+    elif kind != "new":
+        target.mkdir()
+        (target / "mine.txt").write_text("keep")
+    if kind == "file":
+        shutil.rmtree(target)
+        target.write_text("keep")
+    elif kind == "file_parent":
+        shutil.rmtree(target)
+        target.write_text("keep")
+        target = target / "sub"
+    elif kind == "link_at_name":
+        name.symlink_to(victim)
+    elif kind == "dangling_link_at_name":
+        name.symlink_to(work / "nowhere")
+    elif kind == "fifo_at_name":
+        os.mkfifo(name)
+    elif kind == "dir_at_name":
+        name.mkdir()
+    elif kind == "not_utf8":
+        target = Path(os.fsdecode(os.fsencode(work) + b"/ex\xff"))
+    status = _cli_outcome(["example", str(target)], seconds, f"example ({kind}): ", (0, 2))
+    if victim.read_text() != "secret" or (work / "nowhere").exists():
+        raise Failure(f"example ({kind}) wrote through a link")
+    left = [p.name for p in work.rglob("*") if ".tmp" in p.name or ".partial-" in p.name]
+    if left:
+        raise Failure(f"example ({kind}) left {left}")
+    if status == 2 and kind in ("new", "nested") and os.path.lexists(target):
+        raise Failure(f"example ({kind}) failed and left {target}")
+    if status == 2 and kind == "nested" and (work / "a").exists():
+        raise Failure("example (nested) failed and left the parents it made")
+    return "ok" if status == 0 else "error"
+
+
 def save_crash(directory: str | os.PathLike, prototxt: bytes, caffemodel: bytes,
                message: str) -> Path:
     d = Path(directory)
@@ -765,18 +933,36 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
     log(f"seed corpus: {len(seeds)} nets ({', '.join(s.name for s in seeds[:6])}"
         f"{', ...' if len(seeds) > 6 else ''})")
     rnd = random.Random(seed)
-    stats = {"inputs": 0, "ok": 0, "error": 0, "failures": 0}
+    stats = {"inputs": 0, "ok": 0, "error": 0, "failures": 0, "converts": 0, "manifests": 0,
+             "examples": 0}
     distinct: dict[str, Path | None] = {}
     start = time.monotonic()
     last_log = start
     with tempfile.TemporaryDirectory(prefix="caffe2metal-fuzz-") as tmp:
         while time.monotonic() - start < seconds and (max_inputs is None
                                                        or stats["inputs"] < max_inputs):
-            kind, proto, model = generate(rnd, seeds)
             stats["inputs"] += 1
+            command = rnd.random()
+            manifest = b""
             try:
-                stats[run_one(proto, model, tmp, threads=stats["inputs"] % 2 == 0)] += 1
+                if command < 0.25:                 # verify + compare on a hostile manifest
+                    kind, proto, model = "manifest", b"", b""
+                    manifest = mutate_manifest(rnd, json.loads(
+                        (_base_output(str(Path(tmp) / "base"))[2] / "manifest.json").read_text()))
+                    stats["manifests"] += 1
+                    stats[run_manifest(manifest, Path(tmp) / "m", Path(tmp) / "base")] += 1
+                elif command < 0.27:               # example into a hostile target
+                    kind, proto, model = "example", b"", b""
+                    stats["examples"] += 1
+                    stats[run_example(rnd, Path(tmp) / "e")] += 1
+                else:
+                    kind, proto, model = generate(rnd, seeds)
+                    stats["converts"] += 1
+                    stats[run_one(proto, model, Path(tmp) / "c",
+                                  threads=stats["inputs"] % 2 == 0)] += 1
             except Failure as f:
+                if manifest:
+                    model = manifest
                 stats["failures"] += 1
                 sig = _signature(f"{kind}: {f}")
                 if sig not in distinct:
@@ -786,8 +972,9 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
                         (f"\n  saved {path}.*" if path else ""))
             if time.monotonic() - last_log > 30:
                 last_log = time.monotonic()
-                log(f"  {stats['inputs']} inputs, {stats['ok']} converted, {stats['error']} "
-                    f"rejected, {stats['failures']} failures")
+                log(f"  {stats['inputs']} inputs ({stats['converts']} convert, "
+                    f"{stats['manifests']} verify+compare, {stats['examples']} example), "
+                    f"{stats['ok']} ok, {stats['error']} rejected, {stats['failures']} failures")
     stats["distinct"] = distinct
     stats["seconds"] = time.monotonic() - start
     return stats
@@ -819,7 +1006,9 @@ def main(argv=None) -> int:
         return 1 if bad else 0
     print(f"fuzzing inspect + convert for {args.seconds:g} s, seed {args.seed}")
     stats = fuzz(args.seconds, args.seed, args.crashes, args.models)
-    print(f"{stats['inputs']} inputs in {stats['seconds']:.0f} s: {stats['ok']} converted, "
+    print(f"{stats['inputs']} inputs in {stats['seconds']:.0f} s ({stats['converts']} convert, "
+          f"{stats['manifests']} verify+compare on hostile manifests, {stats['examples']} "
+          f"example into hostile targets): {stats['ok']} ok, "
           f"{stats['error']} rejected with an error, {stats['failures']} failures "
           f"({len(stats['distinct'])} distinct)")
     return 1 if stats["failures"] else 0

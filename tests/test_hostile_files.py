@@ -453,3 +453,20 @@ def test_caffemodel_truncated_during_the_conversion(tmp_path, good):
         assert (out / "manifest.json").is_file()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == (["in", "out"] if r.returncode == 0 else ["in"]), names
+
+
+@pytest.mark.parametrize("edit", ["priorbox_concat", "heads"])
+def test_manifest_naming_a_layer_the_model_lacks_is_one_error(tmp_path, edit):
+    """An SSD manifest whose priors Concat or a head's PriorBox is not in the model."""
+    from caffe2metal.examples import build
+    proto, weights = build(tmp_path / "ex")
+    out = tmp_path / "out"
+    convert(proto, weights, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if edit == "priorbox_concat":
+        manifest["ssd"]["priorbox_concat"] = "no_such_layer"
+    else:
+        manifest["ssd"]["heads"][0]["priorbox"] = "no_such_layer"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    cli_fails("verify", proto, weights, out,
+              needles=("manifest.json", "names layer 'no_such_layer'", "does not have"))

@@ -81,11 +81,11 @@ import numpy as np
 
 from .. import fold
 from ..errors import Caffe2MetalError
-from ..graph import Graph, Layer
+from ..graph import Graph
 from ..net.reader import InputShapes, Model, read_model, read_prototxt
 from . import fork_layers
 from .compare import Comparison, ComparisonRow, compare, render_comparison
-from .files import _entries, load_manifest, read_array
+from .files import _entries, load_manifest, manifest_layer, read_array
 from .inputs import make_inputs
 from .layers import _SHA_NOTE, _check_layer, _check_priors, _downstream, recompute
 from .opencv import _forward, _opencv, caffemodel_bytes, opencv_net, opencv_text
@@ -115,7 +115,7 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     for entry in _entries(manifest, out):
         name = entry["name"]
         if entry.get("kind") == "channel_affine":
-            chain = [_layer(graph, n, out) for n in entry.get("chain") or [name]]
+            chain = [manifest_layer(graph, n, out) for n in entry.get("chain") or [name]]
             src, dst = chain[0].bottoms[0], chain[-1].tops[0]
         else:
             layer = by_name.get(name)
@@ -127,7 +127,8 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
         jobs.append((entry, src, dst))
         needed.update((src, dst))
     ssd = manifest.get("ssd") or {}
-    concat = graph.layer(ssd["priorbox_concat"]) if ssd.get("priorbox_concat") else None
+    concat = (manifest_layer(graph, ssd["priorbox_concat"], out) if ssd.get("priorbox_concat")
+              else None)
     if concat is not None:
         needed.add(concat.tops[0])
     # a DetectionOutput the export found not to be SSD's (see export.ssd._check_prior_counts)
@@ -181,14 +182,6 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
             row.note = (f"not counted: downstream of '{tainted[row.name]}', which OpenCV "
                         "computes wrongly (see above)")
     return report
-
-
-def _layer(graph: Graph, name: str, out: Path) -> Layer:
-    try:
-        return graph.layer(name)
-    except KeyError:
-        raise Caffe2MetalError(f"the manifest names layer {name!r}, which the model does not "
-                               "have", file=Path(out) / "manifest.json") from None
 
 
 def _skipped(report: Report, name: str, kind: str, shape: tuple | None, reason: str) -> Row:

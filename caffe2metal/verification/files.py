@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import mps
 from ..errors import Caffe2MetalError
+from ..graph import Graph, Layer
 from ..paths import kind_of, open_regular, read_all, read_regular
 
 _NP_DTYPES = {"float32": "<f4", "float16": "<f2"}
@@ -302,3 +303,12 @@ def _entries(manifest: dict, out: Path) -> list[dict]:
     except _Bad as e:
         raise Caffe2MetalError(f"malformed manifest: {e}", file=where) from None
     return manifest.get("layers", [])
+
+
+def manifest_layer(graph: Graph, name: str, out: Path) -> Layer:
+    """The layer of the model that the manifest in ``out`` names (one error line if none)."""
+    try:
+        return graph.layer(name)
+    except (KeyError, TypeError):
+        raise Caffe2MetalError(f"the manifest names layer {name!r}, which the model does not "
+                               "have", file=Path(out) / "manifest.json") from None

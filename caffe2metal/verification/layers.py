@@ -14,7 +14,7 @@ import numpy as np
 from .. import mps
 from ..errors import Caffe2MetalError
 from ..graph import Graph
-from .files import read_array
+from .files import manifest_layer, read_array
 from .reference import caffe_reference
 from .report import TOLERANCE, Row, _fmt_shape, _measure
 
@@ -111,7 +111,7 @@ def _check_priors(out: Path, ssd: dict, graph: Graph, ref: np.ndarray) -> Row:
     _measure(row, ref[0], priors, TOLERANCE["float32"])
     if not sha_ok:
         row.ok, row.note = False, _SHA_NOTE
-    boxes = [graph.layer(h["priorbox"]) for h in ssd.get("heads", [])]
+    boxes = [manifest_layer(graph, h["priorbox"], out) for h in ssd.get("heads", [])]
     if any("clip" not in layer.params.get("prior_box_param", {}) for layer in boxes):
         row.counted = False
         row.note = "not counted: OpenCV clips when 'clip' is unset, Caffe does not"

@@ -24,7 +24,8 @@ import numpy as np
 from ..arrays import first_nonfinite
 from ..errors import GraphError
 from ..graph import Graph, Layer
-from .registry import axis_index, need, register
+from .planning import weighted
+from .registry import axis_index, need, register, register_plan
 
 TYPES = ("BatchNorm", "Scale")            # the layers a fold absorbs
 
@@ -177,3 +178,6 @@ def chain_affine(graph: Graph, layers: list[Layer]) -> tuple[np.ndarray, np.ndar
                              file=graph.source, layer=layer.name)
         k, c = k * k2, c * k2 + c2
     return k, c
+
+
+register_plan("BatchNorm", "Scale", "Bias", plan=weighted)

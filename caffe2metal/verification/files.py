@@ -28,9 +28,9 @@ def load_manifest(out: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != "caffe2metal":
         raise Caffe2MetalError("not a caffe2metal manifest (format is not \"caffe2metal\")",
                                file=path)
-    if manifest.get("version") != 1:
+    if manifest.get("version") not in (1, 2):
         raise Caffe2MetalError(f"manifest version {manifest.get('version')!r} is not supported "
-                               "(this caffe2metal reads version 1)", file=path)
+                               "(this caffe2metal reads versions 1 and 2)", file=path)
     return manifest
 
 

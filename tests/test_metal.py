@@ -507,7 +507,7 @@ def test_schema_rejects_what_it_should(tmp_path):
         change(m)
         return list(VALIDATOR.iter_errors(m))
 
-    assert broken(lambda m: m.update(version=2))
+    assert broken(lambda m: m.update(version=3))
     assert broken(lambda m: m.update(format="other"))
     assert broken(lambda m: m.pop("layers"))
     assert broken(lambda m: m.update(extra=1))

@@ -93,10 +93,8 @@ def _neuron_plan(layer: Layer, ctx) -> dict:
         base = q.get("base", -1.0)
         return neuron("Exponential" if t == "Exp" else "Logarithm", a=q.get("scale", 1.0),
                       b=q.get("shift", 0.0), c=float(np.e) if base == -1 else base)
-    if t == "PReLU":
-        return {"mps": {"kernel": "MPSCNNNeuronPReLU", "neuronType": "PReLU",
-                        "slopes": "metal.prelu (the activation of the layer before it)"},
-                "app": {"op": "prelu"}}
+    if t in _OWN_PLAN:
+        return _OWN_PLAN[t](layer, ctx)
     if t == "Dropout":
         return {"app": {"op": "identity", "note": "Dropout is the identity at test time"}}
     if t == "Clip":
@@ -115,4 +113,40 @@ def _neuron_plan(layer: Layer, ctx) -> dict:
     return {"app": {"op": t.lower(), "note": f"Caffe's {t}: no MPS neuron; element-wise"}}
 
 
-register_plan(*NEURONS, "PReLU", "Dropout", "Softmax", plan=_neuron_plan)
+def _prelu_plan(layer: Layer, ctx) -> dict:
+    """MPSCNNNeuronPReLU with the slopes file written for the exported layer this PReLU
+    follows (``layers[].activation.slopes``); a PReLU after anything else has none."""
+    p = layer.params
+    src = next((e for e in ctx.entries.values()
+                if (e.get("activation") or {}).get("layer") == layer.name), None)
+    slopes = (src or {}).get("activation", {}).get("slopes")
+    shared = bool(p.get("prelu_param", {}).get("channel_shared", False))
+    if slopes is None:
+        return {"app": {"op": "unavailable", "reason": "PReLU slopes have no Metal file "
+                        "(it does not follow an exported layer; see metal.skipped)"}}
+    return {"mps": {"kernel": "MPSCNNNeuronPReLU", "neuronType": "PReLU",
+                    "slopes": slopes, "channelShared": shared,
+                    "note": "y = x < 0 ? a[c]*x : x, a[c] from the slopes file "
+                            "(one value for every channel when channelShared)"},
+            "mpsgraph": {"op": "PReLU"}}
+
+
+def _lrn_plan(layer: Layer, ctx) -> dict:
+    """Caffe's LRN as an app op with every parameter."""
+    p = layer.params
+    q = p.get("lrn_param", {})
+    region = q.get("norm_region", "ACROSS_CHANNELS")
+    app = {"op": "lrn", "local_size": int(q.get("local_size", 5)),
+           "alpha": float(q.get("alpha", 1.0)), "beta": float(q.get("beta", 0.75)),
+           "k": float(q.get("k", 1.0)),
+           "norm_region": "WITHIN_CHANNEL" if region in ("WITHIN_CHANNEL", 1)
+           else "ACROSS_CHANNELS",
+           "note": "Caffe's LRN (lrn_layer.cpp): ACROSS_CHANNELS y = x / (k + alpha/n * "
+                   "sum of x^2 over the n channels centred on c, zero beyond the "
+                   "image's channels)^beta; WITHIN_CHANNEL the same over an n x n window "
+                   "of the channel (pad (n-1)/2, divided by n^2)"}
+    return {"app": app}
+
+
+_OWN_PLAN = {"PReLU": _prelu_plan, "LRN": _lrn_plan}
+register_plan(*NEURONS, "PReLU", "Dropout", "Softmax", "LRN", plan=_neuron_plan)

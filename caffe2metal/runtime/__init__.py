@@ -107,7 +107,13 @@ def run_plan(out, feed: dict[str, np.ndarray] | None = None,
                             "this op")
         xs = [values[b] for b in op["bottoms"]]
         read.update(op["bottoms"])
-        ys = _execute(op, xs, out, entries, ssd)
+        if (op.get("app") or {}).get("op") == "input" and not xs:
+            absent = [t for t in op["tops"] if t not in values]
+            if absent:
+                raise PlanError(op["name"], "tops", f"input {absent[0]!r} is not fed")
+            ys = [values[t] for t in op["tops"]]
+        else:
+            ys = _execute(op, xs, out, entries, ssd)
         if len(ys) != len(op["tops"]):
             raise PlanError(op["name"], "tops", f"{len(op['tops'])} tops for {len(ys)} values")
         for top, y in zip(op["tops"], ys, strict=True):
@@ -141,6 +147,9 @@ def _execute(op: dict, xs: list, out: Path, entries: dict, ssd: dict) -> list[np
         if isinstance(kernel, str) and kernel.startswith("MPSCNNNeuron") and \
                 kernel != "MPSCNNNeuronPReLU":
             return [ops.neuron(op, m, xs[0])] * len(op["tops"])
+        if kernel == "MPSCNNNeuronPReLU":
+            slopes = _array(out, m.get("slopes"), name).reshape(-1)
+            return [ops.prelu(op, m, xs[0], slopes)]
         if kernel == "MPSCNNSoftMax":
             return [ops.softmax(xs[0], 1)]
         if kernel in ("MPSCNNAdd", "MPSCNNMultiply"):
@@ -173,12 +182,8 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray
         return [np.ascontiguousarray(xs[0].transpose(app.get("order")))]
     if kind == "concat":
         return [np.concatenate(xs, axis=int(app.get("axis", 1)))]
-    if kind == "softmax":
-        return [ops.softmax(xs[0], int(app.get("axis", 1)))]
-    if kind == "clip":
-        return [np.clip(xs[0], app["min"], app["max"]).astype(np.float32)]
-    if kind == "max":
-        return [np.max(np.stack(xs), axis=0)]
+    if kind in _ELEMENTWISE:
+        return [_ELEMENTWISE[kind](op, app, xs)]
     if kind == "slice":
         axis = int(app["axis"])
         return [np.take(xs[0], range(s, s + n), axis=axis)
@@ -190,6 +195,18 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray
             raise PlanError(name, "app.columns", f"[{start}, {count}] is outside priors.dat's "
                             f"{priors.shape[1]} columns")
         return [priors[:, start:start + count][None]]
+    if kind == "unavailable":
+        raise PlanError(name, "app.reason", str(app.get("reason")))
     if kind == "detection_output":
         return [ops.detections(op, *xs[:3])]
     raise PlanError(name, "app.op", f"{kind!r} has no numpy implementation in run")
+
+
+_ELEMENTWISE = {
+    "softmax": lambda op, app, xs: ops.softmax(xs[0], int(app.get("axis", 1))),
+    "clip": lambda op, app, xs: np.clip(xs[0], app["min"], app["max"]).astype(np.float32),
+    "max": lambda op, app, xs: np.max(np.stack(xs), axis=0),
+    "scale_by": lambda op, app, xs: ops.scale_by(op, app, *xs[:2]),
+    "lrn": lambda op, app, xs: ops.lrn(op, app, xs[0]),
+}
+"""App ops of one top computed from the bottoms and the op's parameters alone."""

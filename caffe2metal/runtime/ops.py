@@ -151,6 +151,56 @@ def neuron(op: dict, m: dict, x: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def prelu(op: dict, m: dict, x: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+    """MPSCNNNeuronPReLU: ``x < 0 ? a[c]*x : x`` (one slope for all channels if shared)."""
+    x = np.asarray(x, np.float64)
+    c = x.shape[1] if x.ndim > 1 else 1
+    if slopes.size not in ((1,) if m.get("channelShared") else (c,)):
+        raise PlanError(op["name"], "mps.slopes", f"{slopes.size} slopes for {c} channels")
+    a = slopes.astype(np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return np.where(x < 0, a * x, x).astype(np.float32)
+
+
+def scale_by(op: dict, app: dict, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Caffe's Scale with two bottoms: x * s, s lined up with x's dimensions from ``axis``."""
+    axis = app.get("axis")
+    x, s = np.asarray(x, np.float64), np.asarray(s, np.float64)
+    dims = list(s.shape)
+    while dims and dims[-1] == 1 and len(dims) > 1:        # trailing 1s as Caffe allows
+        dims.pop()
+    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis <= x.ndim - len(dims) \
+            or tuple(x.shape[axis:axis + len(dims)]) != tuple(dims):
+        raise PlanError(op["name"], "app.axis", f"{axis!r}: {list(s.shape)} does not line up "
+                        f"with {list(x.shape)}")
+    shape = (1,) * axis + tuple(dims) + (1,) * (x.ndim - axis - len(dims))
+    return (x * s.reshape(shape)).astype(np.float32)
+
+
+def lrn(op: dict, app: dict, x: np.ndarray) -> np.ndarray:
+    """Caffe's LRN (lrn_layer.cpp): ``x / (k + alpha/n * sum of x^2 over the window)^beta``;
+    the window is n channels centred on c (ACROSS_CHANNELS) or n x n pixels of the channel
+    (WITHIN_CHANNEL, zero padded, the sum divided by n^2 there too)."""
+    try:
+        n, alpha = int(app["local_size"]), float(app["alpha"])
+        beta, k = float(app["beta"]), float(app.get("k", 1.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(op["name"], "app", f"LRN parameters: {e}") from None
+    if n < 1 or n % 2 == 0:
+        raise PlanError(op["name"], "app.local_size", f"{n} is not a positive odd number")
+    x = np.asarray(x, np.float64)
+    half = (n - 1) // 2
+    sq = x * x
+    if app.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS":
+        padded = np.pad(sq, [(0, 0), (half, half)] + [(0, 0)] * (x.ndim - 2))
+        total = sum(padded[:, i:i + x.shape[1]] for i in range(n))
+        scale = k + alpha / n * total
+    else:
+        padded = np.pad(sq, [(0, 0), (0, 0), (half, half), (half, half)])
+        win = sliding_window_view(padded, (n, n), axis=(2, 3))
+        scale = k + alpha / (n * n) * win.sum(axis=(-2, -1))
+    return (x / scale ** beta).astype(np.float32)
+
+
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     e = np.exp(x - x.max(axis=axis, keepdims=True))

@@ -42,7 +42,7 @@ PathLike = str | os.PathLike
 DTYPES = ("float32", "float16")
 NAMINGS = ("apple", "forge")
 
-__all__ = ["Conversion", "DirectoryComparison", "Example", "Inspection", "Skipped",
+__all__ = ["Conversion", "DirectoryComparison", "Example", "Inspection", "Run", "Skipped",
            "Verification", "VerificationUnavailable", "compare", "convert", "example",
            "inspect", "verify"]
 
@@ -413,3 +413,48 @@ def _files(out: Path) -> list[Path]:
         dirs.sort()
         found += [Path(top) / n for n in names]
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The plan of OUT executed in numpy (``caffe2metal.runtime``): net outputs by blob name,
+    and SSD's detections."""
+    out: Path
+    outputs: dict
+    detections: list
+    activations: str = "float32"
+
+    def render(self) -> str:
+        lines = [f"{self.out}: plan run in numpy (activations {self.activations})"]
+        for name, v in self.outputs.items():
+            flat = v.reshape(-1)
+            head = ", ".join(f"{x:.6g}" for x in flat[:6])
+            lines.append(f"  {name} {list(v.shape)}: [{head}{', ...' if flat.size > 6 else ''}]")
+        if self.detections:
+            lines.append(f"  {len(self.detections)} detection(s):")
+            lines.extend(f"    label {d['label']} score {d['score']:.4f} box "
+                         f"[{', '.join(f'{b:.4f}' for b in d['box'])}]" for d in self.detections)
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        import json
+        return json.dumps({"outputs": {n: {"shape": list(v.shape), "data": v.reshape(-1).tolist()}
+                                       for n, v in self.outputs.items()},
+                           "detections": self.detections})
+
+
+def run(out: PathLike, *, image: PathLike | None = None, activations: str = "float32") -> Run:
+    """Execute OUT's plan from OUT alone; the input is ``image`` preprocessed as the manifest
+    records (nothing assumed when it records nothing), else verify's random input."""
+    from .runtime import load_plan, run_plan
+    feed = None
+    if image is not None:
+        from .verification.inputs import ImageInput, load_image
+        manifest = load_plan(Path(out))
+        pre = manifest.get("preprocessing") or {}
+        spec = ImageInput(str(image), tuple(pre.get("mean") or ()), float(pre.get("scale") or 1),
+                          pre.get("channel_order") or "BGR")
+        first = manifest["inputs"][0]
+        feed = {first["name"]: load_image(spec, (1, *first["shape"][1:]))}
+    r = run_plan(Path(out), feed, activations)
+    return Run(Path(out), r.outputs, r.detections, activations)

@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("example", help="write the built-in MobileNet-SSD-style example model")
     p.add_argument("directory")
+
+    p = sub.add_parser("run", help="execute OUT's plan in numpy with MPS semantics, from OUT "
+                       "alone; print the net outputs and SSD detections")
+    p.add_argument("out", help="the directory convert wrote")
+    p.add_argument("--image", help="input image, preprocessed as the manifest records; "
+                   "default: verify's deterministic random input")
+    p.add_argument("--json", action="store_true", help="print {outputs, detections} as JSON")
+    p.add_argument("--activations", choices=("float32", "float16"), default="float32",
+                   help="float16 rounds every MPS op's output as an MPSImage stores it")
     return ap
 
 
@@ -182,6 +191,13 @@ def _example(args) -> int:
     return OK
 
 
+def _run(args) -> int:
+    from . import api
+    done = api.run(args.out, image=args.image, activations=args.activations)
+    _print(done.to_json() if args.json else done.render())
+    return OK
+
+
 class _StdoutFailed(Exception):
     """stdout cannot be written (closed, or a full disk); not a broken pipe."""
 
@@ -212,7 +228,7 @@ def _silence_stdout() -> None:
 
 
 _COMMANDS = {"inspect": _inspect, "convert": _convert, "verify": _verify, "compare": _compare,
-             "example": _example}
+             "example": _example, "run": _run}
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ from .export.output import atomic_directory
 from .export.writeback import WriteBehind
 from .net.reader import InputShapes, Model, read_model
 
-FORMAT, VERSION = "caffe2metal", 1
+FORMAT, VERSION = "caffe2metal", 2
 PROGRESS_MIN_BYTES = 64 << 20          # smaller caffemodels convert in well under a second
 WRITE_BEHIND_MIN_BYTES = 16 << 20      # from here on a writer thread overlaps compute and I/O
 
@@ -119,6 +119,9 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes)
                 bar.stage("writing Metal weights")
                 manifest.update(mtl.export(model, merged, the_plan, tmp, dtype=dtype,
                                            naming=naming, io=io, streams=streams))
+                from .export.plan import blob_names, build_plan
+                manifest["blob_names"] = blob_names(merged)
+                manifest["plan"] = build_plan(model, merged, manifest)
         bar.stage("finishing")
         try:
             text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"

@@ -507,7 +507,7 @@ def test_schema_rejects_what_it_should(tmp_path):
         change(m)
         return list(VALIDATOR.iter_errors(m))
 
-    assert broken(lambda m: m.update(version=2))
+    assert broken(lambda m: m.update(version=3))
     assert broken(lambda m: m.update(format="other"))
     assert broken(lambda m: m.pop("layers"))
     assert broken(lambda m: m.update(extra=1))
@@ -609,7 +609,7 @@ def test_real_ssd_priors(tmp_path, name):
     plan = fold.plan(model.graph)
     merged = fold.apply(model.graph, plan)
     keys = metal.export(model, merged, plan, tmp_path, dtype="float32")
-    manifest = {"format": "caffe2metal", "version": 1,
+    manifest = {"format": "caffe2metal", "version": 2,
                 "source": {"prototxt": "p", "caffemodel": "c"}, "inputs": [],
                 "merged": {"prototxt": "p", "caffemodel": "c"}, "folds": [], "kept": [], **keys}
     check_ssd(manifest, tmp_path, model, opencv_priors(model))

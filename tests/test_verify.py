@@ -150,7 +150,7 @@ def test_unreadable_output_is_exit_2(example, tmp_path, capsys):
 
     shutil.copytree(outs["float32"], tmp_path / "v2")
     m = json.loads((tmp_path / "v2" / "manifest.json").read_text())
-    (tmp_path / "v2" / "manifest.json").write_text(json.dumps({**m, "version": 2}))
+    (tmp_path / "v2" / "manifest.json").write_text(json.dumps({**m, "version": 3}))
     code, _, err = run(capsys, "verify", proto, weights, tmp_path / "v2")
     assert code == 2 and "version" in err
 

@@ -24,7 +24,8 @@ import numpy as np
 from ..arrays import first_nonfinite
 from ..errors import GraphError
 from ..graph import Graph, Layer
-from .registry import axis_index, need, register
+from .planning import weighted
+from .registry import axis_index, need, register, register_plan
 
 TYPES = ("BatchNorm", "Scale")            # the layers a fold absorbs
 
@@ -177,3 +178,24 @@ def chain_affine(graph: Graph, layers: list[Layer]) -> tuple[np.ndarray, np.ndar
                              file=graph.source, layer=layer.name)
         k, c = k * k2, c * k2 + c2
     return k, c
+
+
+def _plan(layer: Layer, ctx) -> dict:
+    """A Scale with two bottoms multiplies by its second bottom (SE gating); everything
+    else is the ``channel_affine`` (or folded layer) of its manifest entry."""
+    if layer.type == "Scale" and len(layer.bottoms) == 2:
+        q = layer.params.get("scale_param", {})
+        if q.get("bias_term", False):
+            return {"app": {"op": "unavailable", "reason": "Scale with two bottoms and a "
+                            "learned bias: the bias has no Metal file"}}
+        x = ctx.shape(layer.bottoms[0])
+        axis = axis_index(q.get("axis", 1), len(x))
+        return {"app": {"op": "scale_by", "axis": axis,
+                        "note": "y = bottom0 * bottom1, bottom1's dimensions lined up with "
+                                "bottom0's from axis on and broadcast over the rest (Caffe's "
+                                "Scale with two bottoms); for an (N,C) gate at axis 0 or 1 "
+                                "this is a per-channel multiply of the MPSImage"}}
+    return weighted(layer, ctx)
+
+
+register_plan("BatchNorm", "Scale", "Bias", plan=_plan)

@@ -21,7 +21,8 @@ from .. import mps
 from ..errors import ExportError
 from ..graph import Layer
 from ..mps.rows import layout
-from .registry import Producer, axis_index, need, register
+from .planning import weighted
+from .registry import Producer, axis_index, need, register, register_plan
 from .structure import Refused
 
 TYPES = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise")
@@ -242,3 +243,6 @@ def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
 for _type in TYPES:
     register(_type, shape=_shape, producer=PRODUCER, export=_export, reference=_reference,
              opencv_type=OPENCV_NAMES.get(_type))
+
+
+register_plan(*TYPES, plan=weighted)

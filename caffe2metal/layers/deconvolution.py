@@ -16,7 +16,8 @@ import numpy as np
 from .. import mps
 from ..graph import Layer
 from .convolution import check_2d, check_group, conv_geometry, dense, geometry, mps_groups
-from .registry import Producer, axis_index, need, register
+from .planning import weighted
+from .registry import Producer, axis_index, need, register, register_plan
 
 
 def _param(layer: Layer) -> dict:
@@ -102,3 +103,6 @@ def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 register("Deconvolution", shape=_shape, producer=PRODUCER, export=_export, reference=_reference)
+
+
+register_plan("Deconvolution", plan=weighted)

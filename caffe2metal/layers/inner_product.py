@@ -16,7 +16,8 @@ from .. import mps
 from ..errors import ExportError
 from ..graph import Layer
 from ..mps.rows import layout
-from .registry import Producer, axis_index, need, register
+from .planning import weighted
+from .registry import Producer, axis_index, need, register, register_plan
 
 
 def _param(layer: Layer) -> dict:
@@ -108,3 +109,6 @@ def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 register("InnerProduct", shape=_shape, producer=PRODUCER, export=_export, reference=_reference)
+
+
+register_plan("InnerProduct", plan=weighted)

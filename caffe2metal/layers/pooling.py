@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 
-from .registry import need, shape_rule
+from .planning import destination, explicit_pads, window
+from .registry import need, register_plan, shape_rule
 from .structure import Refused
 
 
@@ -86,3 +87,41 @@ def _pool(layer, ins):
         if (ow - 1) * sw >= w + pw:
             ow -= 1
     return [(n, c, oh, ow)] * len(layer.tops), []
+
+
+def _plan(layer, ctx) -> dict:
+    """MPSCNNPoolingMax/Average with Caffe's geometry (``mps.geometry`` cites the sources):
+    offset ``floor(k/2) - pad``; the destination is Caffe's (ceil-rounded) size; max
+    pooling ignores padded pixels (``.clamp`` edges); average pooling counts the zeros of
+    the pad but not beyond it (``zeroPadSizeX/Y = pad``, ``.clamp``)."""
+    p = layer.params.get("pooling_param", {})
+    _, _, h, w = ctx.shape(layer.bottoms[0])
+    if p.get("global_pooling", False):
+        (kh, kw), (sh, sw), (ph, pw) = (h, w), (1, 1), (0, 0)
+    else:
+        kh, kw = _pair(p, "kernel", 0)
+        sh, sw = _pair(p, "stride", 1)
+        ph, pw = _pair(p, "pad", 0)
+    pool = p.get("pool", "MAX")
+    top = ctx.shape(layer.tops[0])
+    floor = p.get("round_mode", "CEIL") == "FLOOR" or p.get("ceil_mode", True) is False
+    graph: dict = {**explicit_pads((ph, pw)), "ceilMode": not floor}
+    op: dict
+    if pool in ("MAX", 0):
+        op = {"kernel": "MPSCNNPoolingMax", "edgeMode": "clamp"}
+    elif pool in ("AVE", 1):
+        op = {"kernel": "MPSCNNPoolingAverage", "edgeMode": "clamp",
+              "zeroPadSizeX": int(pw), "zeroPadSizeY": int(ph)}
+        graph["includeZeroPadToAverage"] = True
+        graph["note"] = ("Caffe divides by the window clipped to the padded image; MPSGraph's "
+                         "includeZeroPadToAverage counts the whole window: they differ where a "
+                         "ceil-rounded window reaches past the pad")
+    else:
+        return {"app": {"op": "pooling", "pool": str(pool), "note": "no MPS kernel"}}
+    op.update(window((kh, kw), (sh, sw), (ph, pw)))
+    del op["dilation"]
+    op["destination"] = destination(top)
+    return {"mps": op, "mpsgraph": graph}
+
+
+register_plan("Pooling", plan=_plan)

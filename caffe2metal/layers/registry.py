@@ -18,6 +18,11 @@ registers each type it knows with :func:`register`, giving the roles it plays:
 ``opencv_type``
     The type name OpenCV's importer knows this type by, when it differs
     (a fork alias with the same blobs and math).
+``plan(layer, ctx) -> dict``
+    The layer as an op of the manifest's execution plan (``export.plan``): ``mps``
+    (the MPSCNN kernel class and every parameter an app sets), ``mpsgraph`` (where
+    MPSGraph differs) and/or ``app`` (exact semantics of what has no MPS kernel).
+    ``ctx`` is a :class:`PlanContext`.  Registered apart (:func:`register_plan`).
 ``forward(layer, inputs) -> outputs``
     Caffe's (or the fork's) forward pass in plain numpy on whole float32 NCHW
     blobs, batch included: one array per top.  verify runs it inside OpenCV
@@ -85,6 +90,22 @@ class LayerType:
     reference: Callable | None = None
     opencv_type: str | None = None
     forward: Forward | None = None
+    plan: Callable | None = None
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a ``plan`` role reads besides the layer: Caffe shapes of unique blobs, the
+    manifest's weight entry of a layer (or None), and the manifest's ``ssd`` key."""
+    shapes: dict
+    entries: dict
+    ssd: dict | None = None
+
+    def shape(self, blob: str) -> tuple:
+        s = self.shapes.get(blob)
+        if s is None or any(d is None for d in s):
+            raise Unknown(blob)
+        return tuple(int(d) for d in s)
 
 
 _TYPES: dict[str, LayerType] = {}
@@ -98,6 +119,16 @@ def register(*names: str, shape: ShapeRule | None = None, producer: Producer | N
         if name in _TYPES:
             raise RuntimeError(f"layer type {name!r} registered twice")
         _TYPES[name] = LayerType(name, shape, producer, export, reference, opencv_type, forward)
+
+
+def register_plan(*names: str, plan: Callable) -> None:
+    """Give each registered type of ``names`` its ``plan`` role (once)."""
+    import dataclasses
+    for name in names:
+        t = _TYPES[name]
+        if t.plan is not None:
+            raise RuntimeError(f"layer type {name!r} has a plan role twice")
+        _TYPES[name] = dataclasses.replace(t, plan=plan)
 
 
 def shape_rule(*names: str, **roles):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .priorbox import MAX_PRIORS, priors_per_cell
-from .registry import need, shape_rule
+from .registry import need, register_plan, shape_rule
 from .structure import Refused
 
 
@@ -54,3 +54,39 @@ def _detection_output(layer, ins):
     if not 0 < eta <= 1:
         raise Refused("detection_output_param.nms_param.eta", f"{eta} must be in (0, 1]")
     return [(1, 1, None, 7)], []
+
+
+def _plan(layer, ctx) -> dict:
+    """PriorBox is a constant (its columns of ``priors.dat``); Normalize and
+    DetectionOutput are app code with Caffe's semantics (``layers.detection``)."""
+    if layer.type == "PriorBox":
+        ssd = ctx.ssd or {}
+        start = 0
+        for head in ssd.get("heads", []):
+            count = head["num_priors"] * 4
+            if head["priorbox"] == layer.name:
+                return {"app": {"op": "constant", "file": ssd["priors"]["file"],
+                                "columns": [start, count],
+                                "note": "priors.dat [2][num_priors*4]: this layer's output "
+                                        "[1][2][count] is columns start..start+count of "
+                                        "both rows"}}
+            start += count
+        return {"app": {"op": "unavailable", "reason": "no priors.dat columns (see "
+                        "metal.skipped)"}}
+    if layer.type == "Normalize":
+        q = layer.params.get("norm_param", {})
+        return {"app": {"op": "normalize", "across_spatial": q.get("across_spatial", True),
+                        "channel_shared": q.get("channel_shared", True),
+                        "eps": q.get("eps", 1e-10),
+                        "note": "x / sqrt(sum over channels of x^2 + eps) * scale; the scale "
+                                "has no Metal file (metal.skipped)"}}
+    det = (ctx.ssd or {}).get("detection_output")
+    if det is None:
+        return {"app": {"op": "unavailable", "reason": "DetectionOutput without SSD priors "
+                        "(see metal.skipped)"}}
+    return {"app": {"op": "detection_output", "params": det,
+                    "note": "bottoms: loc, conf (softmaxed), priors; decode each prior's box, "
+                            "per-class NMS, keep_top_k (caffe2metal.layers.detection)"}}
+
+
+register_plan("PriorBox", "Normalize", "DetectionOutput", plan=_plan)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import math
 
+from ..mps.geometry import channel_map, concat_offsets
 from .activations import same_shape
-from .registry import axis_index, need, register, shape_rule
+from .registry import axis_index, need, register, register_plan, shape_rule
 
 
 class Refused(ValueError):
@@ -164,3 +165,81 @@ def _tile(layer, ins):
 
 
 register("Split", shape=same_shape)
+
+
+_READ_OUT = ("an MPSImage read out in Caffe's order: channel-major C,H,W (or H,W,C after "
+             "Permute(0,2,3,1)), each slice's padding channels dropped")
+
+
+def _structure_plan(layer, ctx) -> dict:
+    """Routing and reshaping: MPS concatenation where it is one, else exact Caffe semantics
+    on the row-major blob (see ``_READ_OUT``)."""
+    t, p = layer.type, layer.params
+    if t == "Input":
+        return {"app": {"op": "input"}}
+    if t in ("Split", "Silence"):
+        return {"app": {"op": "identity" if t == "Split" else "none",
+                        "note": "every top is the bottom (no copy)" if t == "Split"
+                        else "consumes its bottoms"}}
+    if t == "Eltwise":
+        q = p.get("eltwise_param", {})
+        op = q.get("operation", "SUM")
+        coeff = [float(c) for c in q.get("coeff", [])] or [1.0] * len(layer.bottoms)
+        if op == "SUM":
+            return {"mps": {"kernel": "MPSCNNAdd", "primaryScale": coeff[0],
+                            "secondaryScale": coeff[1:], "bias": 0.0,
+                            "note": "bottoms added in order, each scaled by its coefficient"},
+                    "mpsgraph": {"op": "addition"}}
+        if op == "PROD":
+            return {"mps": {"kernel": "MPSCNNMultiply"}, "mpsgraph": {"op": "multiplication"}}
+        return {"app": {"op": "max", "note": "element-wise maximum of the bottoms"}}
+    if t == "Concat":
+        shapes = [ctx.shape(b) for b in layer.bottoms]
+        axis = axis_index(p.get("concat_param", {}).get("axis",
+                          p.get("concat_param", {}).get("concat_dim", 1)), len(shapes[0]))
+        if len(shapes[0]) == 4 and axis == 1:
+            channels = [s[1] for s in shapes]
+            offsets, total = concat_offsets(channels)
+            return {"mps": {"kernel": "destinationFeatureChannelOffset",
+                            "destinationFeatureChannelOffsets": offsets,
+                            "sourceFeatureChannels": channels,
+                            "destinationFeatureChannels": total,
+                            "channelMap": channel_map(channels, offsets),
+                            "aligned": offsets == list(itertools.accumulate([0] + channels[:-1])),
+                            "note": ("each source written at its offset (a multiple of 4); "
+                                     "Caffe channel i is destination channel channelMap[i]")},
+                    "mpsgraph": {"op": "concatTensors", "dimension": 1}}
+        return {"app": {"op": "concat", "axis": axis, "input": _READ_OUT}}
+    if t == "Flatten":
+        q = p.get("flatten_param", {})
+        return {"app": {"op": "reshape", "input": _READ_OUT,
+                        "note": f"Flatten axis {q.get('axis', 1)}..{q.get('end_axis', -1)}: "
+                                "the row-major data unchanged"}}
+    if t == "Reshape":
+        return {"app": {"op": "reshape", "input": _READ_OUT, "note": "row-major data unchanged"}}
+    if t == "Permute":
+        shape = ctx.shape(layer.bottoms[0])
+        order = list(p.get("permute_param", {}).get("order", []))
+        order += [a for a in range(len(shape)) if a not in order]
+        return {"app": {"op": "transpose", "order": order, "input": _READ_OUT,
+                        "note": "order (0, 2, 3, 1) of an MPSImage is its pixels in H,W,C "
+                                "order with each slice's padding channels dropped"}}
+    if t == "Slice":
+        q = p.get("slice_param", {})
+        shape = ctx.shape(layer.bottoms[0])
+        axis = axis_index(q.get("axis", q.get("slice_dim", 1)), len(shape))
+        sizes = [ctx.shape(top)[axis] for top in layer.tops]
+        return {"app": {"op": "slice", "axis": axis,
+                        "starts": list(itertools.accumulate([0] + sizes[:-1])),
+                        "sizes": sizes}}
+    if t == "Crop":
+        q = p.get("crop_param", {})
+        offsets = q.get("offset", [])
+        return {"app": {"op": "crop", "axis": axis_index(q.get("axis", 2), 4),
+                        "offset": list(offsets) if isinstance(offsets, (list, tuple))
+                        else [offsets]}}
+    return {"app": {"op": t.lower(), "note": f"Caffe's {t}"}}
+
+
+register_plan("Input", "Silence", "Eltwise", "Concat", "Slice", "Flatten", "Reshape",
+              "Permute", "Crop", "ArgMax", "Tile", "Split", plan=_structure_plan)

@@ -237,9 +237,9 @@ def load_manifest(out: Path) -> dict:
         raise Caffe2MetalError("not a caffe2metal manifest (format is not \"caffe2metal\")",
                                file=path)
     version = manifest.get("version")
-    if version != 1 or isinstance(version, bool):
+    if version not in (1, 2) or isinstance(version, bool):
         raise Caffe2MetalError(f"manifest version {_short(version)} is not supported "
-                               "(this caffe2metal reads version 1)", file=path)
+                               "(this caffe2metal reads versions 1 and 2)", file=path)
     try:
         check_manifest(manifest)
     except _Bad as e:

@@ -302,7 +302,8 @@ def test_convert_verify_takes_the_image_options(example, tmp_path, capsys):
      d / "broken.png", (), "cannot decode"),
     (lambda d: png(d / "huge.png", 20000, 20000), (), "more than the 268435456"),
     (lambda d: None, ("--seed", "-1"), "--seed -1"),
-    (lambda d: None, ("--mean", "1"), "only apply to an --image"),
+    (lambda d: None, ("--mean", "1,2"),      # convert: no image needed (the manifest's record)
+     {"verify": "only apply to an --image", "convert": "--mean has 2 values"}),
     (lambda d: cv2.imwrite(str(d / "ok.png"), np.zeros((4, 4, 3), np.uint8)) and d / "ok.png",
      ("--mean", "1,2"), "--mean has 2 values"),
 ])
@@ -319,6 +320,7 @@ def test_bad_verify_input_is_one_line_and_writes_nothing(example, tmp_path, caps
         assert not target.exists()
     else:
         status, _, err = run(capsys, "verify", proto, weights, out_dir, *argv)
+    message = message[command] if isinstance(message, dict) else message
     assert status == 2 and message in one_error_line(err)
 
 
@@ -326,7 +328,7 @@ def test_image_options_need_verify(example, tmp_path, capsys):
     proto, weights, _ = example
     status, _, err = run(capsys, "convert", proto, weights, "-o", tmp_path / "o", "--image",
                          "x.png")
-    assert status == 2 and "only apply with --verify" in one_error_line(err)
+    assert status == 2 and "--image only applies with --verify" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- 4. tolerance per row

@@ -99,10 +99,12 @@ class Verification:
     outputs: list[Row]                # per net output, original vs merged model
     ok: bool                          # every counted row within its tolerance
     worst: Row | None                 # the counted row with the largest rel
+    plan: list[Row] = dataclasses.field(default_factory=list)   # the plan run from OUT
+                                      # (numpy MPS model) vs the original, per net output
 
     @property
     def rows(self) -> list[Row]:
-        return self.layers + self.outputs
+        return self.layers + self.outputs + self.plan
 
     @property
     def failures(self) -> list[Row]:
@@ -112,7 +114,7 @@ class Verification:
     def unchecked(self) -> list[str]:
         """What verify could not hold to a tolerance: rows shown but not counted, and
         what the report lists as skipped.  Empty for a complete verification."""
-        names = [r.name for r in self.rows if not r.counted]
+        names = [r.name for r in self.rows if not r.counted and not r.informational]
         for s in getattr(self.report, "skipped", None) or []:   # (check, why) pairs
             name = str(s[0] if isinstance(s, tuple) else s)
             if name not in names:
@@ -415,9 +417,10 @@ def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
             raise
         raise VerificationUnavailable(f"OpenCV failed: {str(e).strip().splitlines()[-1]}") \
             from None
-    counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
+    counted = [r for r in report.rows if r.counted and not math.isnan(r.rel)]
     return Verification(report=report, layers=list(report.layers), outputs=list(report.outputs),
-                        ok=report.ok, worst=max(counted, key=lambda r: r.rel, default=None))
+                        ok=report.ok, worst=max(counted, key=lambda r: r.rel, default=None),
+                        plan=list(report.plan))
 
 
 def compare(dir_a: PathLike, dir_b: PathLike) -> DirectoryComparison:

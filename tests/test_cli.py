@@ -339,11 +339,12 @@ def test_verify_table_shows_each_rows_tolerance(example, tmp_path, capsys):
                          "--dtype", "float16", "--verify")
     assert status == 0
     heads = [line for line in out.splitlines() if "max |diff|" in line]
-    assert len(heads) == 2 and all(h.split()[-1] == "tol" for h in heads)
+    assert len(heads) == 3 and all(h.split()[-1] == "tol" for h in heads)   # + the plan run
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.endswith(" ok") and len(line.split()) >= 8}
     assert rows["conv0"][-2] == "0.002"              # float16 weights
     assert rows["detection_out"][-2] == "0.001"      # end to end, DetectionOutput
+    assert rows["mbox_loc"][-2] == "0.1"             # the plan run, float16 weights
     assert "8.0e-4" in vin.__doc__ or "8.0e-4" in sys.modules[
         "caffe2metal.verification.report"].__doc__
 

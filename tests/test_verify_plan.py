@@ -43,8 +43,8 @@ def test_float32_plan_rows_match_opencv_and_detections_are_equal_sets(example):
         assert r.tolerance == PLAN_TOLERANCE["float32"] == 1e-4
         assert r.rel <= 1e-4                      # measured 6.3e-6, 2.7e-5
     det = check.plan[2]
-    assert det.shape == (100,) and det.note.startswith("equal as sets: 100 detection(s)")
-    assert det.max_diff <= 1e-3                   # measured 1.8e-7
+    # synthetic weights saturate the scores: nearly all tie within 1e-3, counted only
+    assert det.shape == (100,) and "compared by count only" in det.note
     text = check.render()
     assert "end to end: the plan run from OUT (numpy MPS model) vs the original model in " \
            "OpenCV" in text
@@ -126,3 +126,18 @@ def test_no_plan_no_rows(tmp_path):
     out = api.convert(proto, weights, tmp_path / "o", metal=False, verify=True)
     assert out.verification.plan == [] and out.verification.complete
     assert "plan run" not in out.render()
+
+
+def test_detections_match_as_sets_ties_by_count():
+    from caffe2metal.verification.plan_run import _iou, _match, _tied
+    ref = [[0, 1, 0.9, 0.1, 0.1, 0.5, 0.5], [0, 2, 0.5, 0.2, 0.2, 0.6, 0.6]]
+    mine = [{"label": 2, "score": 0.5004, "box": [0.2, 0.2, 0.6, 0.6001]},
+            {"label": 1, "score": 0.8999, "box": [0.1, 0.1, 0.5, 0.5]}]
+    assert _match(mine, ref)[0] == 2                       # order is no contract
+    assert _match([{**mine[0], "label": 1}, mine[1]], ref)[0] == 1    # label differs
+    assert _match([{**mine[0], "score": 0.502}, mine[1]], ref)[0] == 1   # score 2e-3 off
+    assert _match([{**mine[0], "box": [0.2, 0.2, 0.6, 0.64]}, mine[1]], ref)[0] == 1  # IoU
+    assert _tied([(1, 0.9), (1, 0.9005), (2, 0.9), (1, 0.5)]) == [True, True, False, False]
+    inf = float("inf")
+    assert _iou([1, -inf, 1, inf], [1, -inf, 1, inf]) == 1.0      # no area: coordinates
+    assert _iou([1, -inf, 1, inf], [1, inf, 1, inf]) == 0.0

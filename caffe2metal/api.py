@@ -99,10 +99,12 @@ class Verification:
     outputs: list[Row]                # per net output, original vs merged model
     ok: bool                          # every counted row within its tolerance
     worst: Row | None                 # the counted row with the largest rel
+    plan: list[Row] = dataclasses.field(default_factory=list)   # the plan run from OUT
+                                      # (numpy MPS model) vs the original, per net output
 
     @property
     def rows(self) -> list[Row]:
-        return self.layers + self.outputs
+        return self.layers + self.outputs + self.plan
 
     @property
     def failures(self) -> list[Row]:
@@ -112,7 +114,7 @@ class Verification:
     def unchecked(self) -> list[str]:
         """What verify could not hold to a tolerance: rows shown but not counted, and
         what the report lists as skipped.  Empty for a complete verification."""
-        names = [r.name for r in self.rows if not r.counted]
+        names = [r.name for r in self.rows if not r.counted and not r.informational]
         for s in getattr(self.report, "skipped", None) or []:   # (check, why) pairs
             name = str(s[0] if isinstance(s, tuple) else s)
             if name not in names:
@@ -261,6 +263,11 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
     """Fold BatchNorm/Scale and write OUT: the merged Caffe model, the Metal weights
     (``metal=False``: none) and ``manifest.json``.
 
+    ``mean``, ``scale``, ``channel_order``: the model's image preprocessing, recorded as
+    the manifest's ``preprocessing`` (any of them given: those, the others' defaults; none:
+    the prototxt's ``transform_param``, else recorded as unknown); the verification
+    (``verify=True`` with an ``image``) applies that record.
+
     ``caffemodel``: default the ``.caffemodel`` next to ``prototxt``; ``out``: default
     ``out/<prototxt stem>``.  ``dtype``: Metal weight precision, "float32" or
     "float16" (bias stays float32); ``naming``: "apple" (weights_<name>.dat) or
@@ -279,18 +286,22 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
     shapes = _input_shapes(input_shapes)
     spec = None
     if verify:                      # the verification's options: bad ones before any writing
-        spec = check_verify_options(prototxt, image=image, mean=mean, scale=scale,
-                                    channel_order=channel_order, seed=seed, input_shapes=shapes)
-    elif any(v is not None for v in (image, mean, scale, channel_order)):
-        raise ExportError("--image, --mean, --scale and --channel-order only apply with "
-                          "--verify")
+        spec = check_convert_options(prototxt, image=image, mean=mean, scale=scale,
+                                     channel_order=channel_order, seed=seed,
+                                     input_shapes=shapes)
+    elif image is not None:
+        raise ExportError("--image only applies with --verify")
     # imported when called: the pipeline brings in numpy (0.10 s, -X importtime); OpenCV
     # and tqdm only come with verify=True and the progress bar
     from .pipeline import convert as run
     done = run(prototxt, caffemodel, out, metal=metal, dtype=dtype, naming=naming,
-               progress=progress, input_shapes=shapes)
+               progress=progress, input_shapes=shapes, mean=mean, scale=scale,
+               channel_order=channel_order)
     checked, error = None, None
     if verify:
+        if spec is not None and not _options_given(mean, scale, channel_order):
+            from .verification.inputs import manifest_image_input
+            spec = manifest_image_input(spec.path, done.manifest)   # e.g. the transform_param
         try:
             checked = _verify(prototxt, done.model.caffemodel, done.out, image=spec, seed=seed,
                               input_shapes=shapes)
@@ -319,7 +330,9 @@ def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
     ``caffemodel``: None means the ``.caffemodel`` next to ``prototxt``.  ``image``:
     the input, resized with ``cv2.resize`` INTER_LINEAR (as ``cv2.dnn.blobFromImage``),
     in ``channel_order`` ("BGR", as read, or "RGB"), then ``(pixel - mean) * scale``
-    (``mean``: one value or one per channel, in the model's channel order); default a
+    (``mean``: one value or one per channel, in the model's channel order); with none
+    of ``mean``, ``scale``, ``channel_order`` given, as OUT's manifest records it
+    (``preprocessing``; nothing applied when it records nothing).  Default input: a
     deterministic uniform [-1, 1) input drawn with ``seed`` (>= 0).  Raises
     :class:`VerificationUnavailable` when the check cannot run although its input
     is fine (OpenCV cannot load or run the model).
@@ -327,6 +340,11 @@ def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
     from .verification.inputs import check_seed, image_input
     check_seed(seed)
     spec = image_input(image, mean=mean, scale=scale, channel_order=channel_order)
+    if spec is not None and not _options_given(mean, scale, channel_order):
+        from .verification.files import load_manifest
+        from .verification.inputs import manifest_image_input
+        spec = manifest_image_input(spec.path, load_manifest(Path(out)),
+                                    Path(out) / "manifest.json")
     return _verify(prototxt, caffemodel, out, image=spec, seed=seed,
                    input_shapes=_input_shapes(input_shapes))
 
@@ -364,6 +382,25 @@ def check_verify_options(prototxt: PathLike, *, image: PathLike | None = None, m
     return spec
 
 
+def _options_given(mean, scale, channel_order) -> bool:
+    return any(v is not None for v in (mean, scale, channel_order))
+
+
+def check_convert_options(prototxt: PathLike, *, image: PathLike | None = None, mean=None,
+                          scale: float | None = None, channel_order: str | None = None,
+                          seed: int = 0, input_shapes=None):
+    """``convert --verify``'s options, checked before anything is written: the image
+    options as :func:`check_verify_options` checks them, except that ``mean``, ``scale``
+    and ``channel_order`` need no image (they define the manifest's preprocessing)."""
+    if image is None:
+        from .export.preprocessing import options
+        options(mean, scale, channel_order)
+        return check_verify_options(prototxt, seed=seed, input_shapes=input_shapes)
+    return check_verify_options(prototxt, image=image, mean=mean, scale=scale,
+                                channel_order=channel_order, seed=seed,
+                                input_shapes=input_shapes)
+
+
 def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
             input_shapes=None) -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
@@ -380,9 +417,10 @@ def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
             raise
         raise VerificationUnavailable(f"OpenCV failed: {str(e).strip().splitlines()[-1]}") \
             from None
-    counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
+    counted = [r for r in report.rows if r.counted and not math.isnan(r.rel)]
     return Verification(report=report, layers=list(report.layers), outputs=list(report.outputs),
-                        ok=report.ok, worst=max(counted, key=lambda r: r.rel, default=None))
+                        ok=report.ok, worst=max(counted, key=lambda r: r.rel, default=None),
+                        plan=list(report.plan))
 
 
 def compare(dir_a: PathLike, dir_b: PathLike) -> DirectoryComparison:
@@ -423,9 +461,12 @@ class Run:
     outputs: dict
     detections: list
     activations: str = "float32"
+    input: str = ""                   # what was fed (an image: how it was preprocessed)
 
     def render(self) -> str:
         lines = [f"{self.out}: plan run in numpy (activations {self.activations})"]
+        if self.input:
+            lines.append(f"  input: {self.input}")
         for name, v in self.outputs.items():
             flat = v.reshape(-1)
             head = ", ".join(f"{x:.6g}" for x in flat[:6])
@@ -447,14 +488,35 @@ def run(out: PathLike, *, image: PathLike | None = None, activations: str = "flo
     """Execute OUT's plan from OUT alone; the input is ``image`` preprocessed as the manifest
     records (nothing assumed when it records nothing), else verify's random input."""
     from .runtime import load_plan, run_plan
-    feed = None
+    feed, described = None, "uniform [-1, 1) random, seed 0 (verify's default input)"
     if image is not None:
-        from .verification.inputs import ImageInput, load_image
+        from .verification.inputs import check_image, load_image, manifest_image_input
+        where = Path(out) / "manifest.json"
         manifest = load_plan(Path(out))
-        pre = manifest.get("preprocessing") or {}
-        spec = ImageInput(str(image), tuple(pre.get("mean") or ()), float(pre.get("scale") or 1),
-                          pre.get("channel_order") or "BGR")
-        first = manifest["inputs"][0]
-        feed = {first["name"]: load_image(spec, (1, *first["shape"][1:]))}
+        spec = manifest_image_input(image, manifest, where)
+        check_image(spec)
+        feed, target = _run_feed(manifest, where)
+        c, h, w = target[1][1:]
+        if spec.mean and len(spec.mean) not in (1, c):
+            raise Caffe2MetalError(f"preprocessing: {len(spec.mean)} mean values for input "
+                                   f"'{target[0]}' of {c} channel(s)", file=where)
+        feed[target[0]] = load_image(spec, target[1])
+        described = spec.describe(w, h, c)
     r = run_plan(Path(out), feed, activations)
-    return Run(Path(out), r.outputs, r.detections, activations)
+    return Run(Path(out), r.outputs, r.detections, activations, described)
+
+
+def _run_feed(manifest: dict, where: Path) -> tuple[dict, tuple[str, tuple]]:
+    """verify's random input for every net input, and the input an image feeds: the one
+    the manifest's preprocessing names, else the first 4-D one with 1 or 3 channels."""
+    from .runtime import default_feed
+    feed = default_feed(manifest)
+    named = (manifest.get("preprocessing") or {}).get("input")
+    shapes = {i.get("name"): i.get("shape") for i in manifest.get("inputs", [])
+              if isinstance(i, dict)}
+    for name, shape in ([(named, shapes.get(named))] if named in shapes else shapes.items()):
+        if isinstance(shape, list) and len(shape) == 4 and shape[1] in (1, 3) \
+                and all(isinstance(d, int) and d > 0 for d in shape):
+            return feed, (str(name), (1, *shape[1:]))
+    raise Caffe2MetalError("--image given, but the manifest lists no 4-D (N,C,H,W) input with "
+                           "1 or 3 channels", file=where)

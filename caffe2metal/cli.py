@@ -40,7 +40,9 @@ _SHAPE_HELP = ("[NAME=]N,C,H,W: the shape of a net input; for a train/test proto
                "left out when the net has one input; repeat for several")
 _IMAGE_OPTIONS = (
     ("--mean", dict(metavar="V[,V,V]", help="subtract from every pixel after resizing: one "
-                    "value, or one per channel in the model's channel order (default: none)")),
+                    "value, or one per channel in the model's channel order (default: none). "
+                    "convert records --mean/--scale/--channel-order in the manifest; verify "
+                    "without any of them applies the manifest's")),
     ("--scale", dict(type=float, metavar="S", help="multiply by S after subtracting the mean "
                      "(default 1)")),
     ("--channel-order", dict(choices=("BGR", "RGB"), type=str.upper, help="the model's "
@@ -137,20 +139,22 @@ def _convert(args) -> int:
     # converted and printed first, then verified: the report shows before the slow part,
     # exactly as convert(verify=True) renders it
     if args.verify:                 # bad verify options are bad input: before any writing
-        api.check_verify_options(args.prototxt, input_shapes=args.input_shape,
-                                 **_image_options(args))
-    elif any(v is not None for v in (args.image, args.mean, args.scale, args.channel_order)):
-        raise Caffe2MetalError("--image, --mean, --scale and --channel-order only apply with "
-                               "--verify")
+        api.check_convert_options(args.prototxt, input_shapes=args.input_shape,
+                                  **_image_options(args))
+    elif args.image is not None:
+        raise Caffe2MetalError("--image only applies with --verify")
+    # --mean, --scale, --channel-order: the manifest's preprocessing (which verify applies)
     done = api.convert(args.prototxt, args.caffemodel, args.out, metal=args.metal,
-                       dtype=args.dtype, naming=args.naming, input_shapes=args.input_shape)
+                       dtype=args.dtype, naming=args.naming, input_shapes=args.input_shape,
+                       mean=args.mean, scale=args.scale, channel_order=args.channel_order)
     _print(done.render())
     if not args.verify:
         return OK
     # from here on OUT is complete: no outcome is "bad input" any more
+    given = _image_options(args) if args.image is not None else dict(seed=args.seed)
     try:
         checked = api.verify(args.prototxt, done.caffemodel, done.out,
-                             input_shapes=args.input_shape, **_image_options(args))
+                             input_shapes=args.input_shape, **given)
     except Caffe2MetalError as e:
         _print(api.cannot_verify(str(e), done.out))
         return NOT_VERIFIED

@@ -9,7 +9,8 @@ The pipeline, in order:
                               folded 2 MiB at a time; ``metal.stream_folded`` writes the Metal
                               files of folded layers from the same blocks
 5. ``metal`` (optional)       the other .dat weights in MPS layout + manifest layer entries
-6. ``manifest.json``          the contract for everything written
+6. ``manifest.json``          the contract for everything written, with the image
+                              preprocessing (``export.preprocessing``)
 Everything is written to a sibling of OUT that replaces OUT only on success.  For
 caffemodels of 16 MiB and more, file writes and sha256 run on two more threads
 (``writeback.WriteBehind``) while the main thread folds and lays out the next block:
@@ -31,6 +32,7 @@ from typing import Any
 
 from . import fold
 from .errors import ExportError, ModelFormatError
+from .export import preprocessing
 from .export.caffe import merged_prototxt, write_merged_caffemodel, write_prototxt
 from .export.output import atomic_directory
 from .export.writeback import WriteBehind
@@ -66,8 +68,13 @@ def default_out(prototxt: str | os.PathLike) -> Path:
 
 def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: str = "float32",
             naming: str = "apple", progress: bool | None = None,
-            input_shapes: InputShapes | None = None) -> Result:
+            input_shapes: InputShapes | None = None, mean=None, scale: float | None = None,
+            channel_order: str | None = None) -> Result:
     """Run the pipeline (see the module doc) and return what was written.
+
+    ``mean``, ``scale``, ``channel_order``: the model's image preprocessing, recorded in
+    the manifest (``export.preprocessing``; without any, the prototxt's transform_param,
+    else "none").
 
     ``progress``: True/False force the stderr progress bar on/off; None (the
     default) shows it for big caffemodels when stderr is a terminal.
@@ -77,14 +84,17 @@ def convert(prototxt, caffemodel=None, out=None, *, metal: bool = True, dtype: s
     out = Path(out) if out else default_out(prototxt)
     bar = _Progress(caffemodel, steps=3 if metal else 2, enabled=progress)
     try:
-        return _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes)
+        return _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes,
+                        dict(mean=mean, scale=scale, channel_order=channel_order))
     finally:
         bar.close()
 
 
-def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes) -> Result:
+def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes,
+             image_options) -> Result:
     bar.stage("reading")
     model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
+    pre = preprocessing.record(model, **image_options)      # bad options: before any writing
     graph = model.graph
     the_plan = fold.plan(graph)
     merged = fold.apply(graph, the_plan, lazy=True)     # folded as written, block by block
@@ -102,6 +112,7 @@ def _convert(prototxt, caffemodel, out, metal, dtype, naming, bar, input_shapes)
         "folds": [{"producer": f.producer, "layers": f.layers, "top": blob(f.top, f.top),
                    "eps": f.eps, "scale_factor": f.scale_factor} for f in the_plan.folds],
         "kept": [{"layers": k.layers, "reason": k.reason} for k in the_plan.kept],
+        "preprocessing": pre,
         "layers": [],
     }
     with atomic_directory(out) as tmp:

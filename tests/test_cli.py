@@ -302,7 +302,8 @@ def test_convert_verify_takes_the_image_options(example, tmp_path, capsys):
      d / "broken.png", (), "cannot decode"),
     (lambda d: png(d / "huge.png", 20000, 20000), (), "more than the 268435456"),
     (lambda d: None, ("--seed", "-1"), "--seed -1"),
-    (lambda d: None, ("--mean", "1"), "only apply to an --image"),
+    (lambda d: None, ("--mean", "1,2"),      # convert: no image needed (the manifest's record)
+     {"verify": "only apply to an --image", "convert": "--mean has 2 values"}),
     (lambda d: cv2.imwrite(str(d / "ok.png"), np.zeros((4, 4, 3), np.uint8)) and d / "ok.png",
      ("--mean", "1,2"), "--mean has 2 values"),
 ])
@@ -319,6 +320,7 @@ def test_bad_verify_input_is_one_line_and_writes_nothing(example, tmp_path, caps
         assert not target.exists()
     else:
         status, _, err = run(capsys, "verify", proto, weights, out_dir, *argv)
+    message = message[command] if isinstance(message, dict) else message
     assert status == 2 and message in one_error_line(err)
 
 
@@ -326,7 +328,7 @@ def test_image_options_need_verify(example, tmp_path, capsys):
     proto, weights, _ = example
     status, _, err = run(capsys, "convert", proto, weights, "-o", tmp_path / "o", "--image",
                          "x.png")
-    assert status == 2 and "only apply with --verify" in one_error_line(err)
+    assert status == 2 and "--image only applies with --verify" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- 4. tolerance per row
@@ -337,11 +339,12 @@ def test_verify_table_shows_each_rows_tolerance(example, tmp_path, capsys):
                          "--dtype", "float16", "--verify")
     assert status == 0
     heads = [line for line in out.splitlines() if "max |diff|" in line]
-    assert len(heads) == 2 and all(h.split()[-1] == "tol" for h in heads)
+    assert len(heads) == 3 and all(h.split()[-1] == "tol" for h in heads)   # + the plan run
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.endswith(" ok") and len(line.split()) >= 8}
     assert rows["conv0"][-2] == "0.002"              # float16 weights
     assert rows["detection_out"][-2] == "0.001"      # end to end, DetectionOutput
+    assert rows["mbox_loc"][-2] == "0.1"             # the plan run, float16 weights
     assert "8.0e-4" in vin.__doc__ or "8.0e-4" in sys.modules[
         "caffe2metal.verification.report"].__doc__
 

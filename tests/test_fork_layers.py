@@ -72,7 +72,11 @@ def test_fork_layer_nets_verify_every_metal_layer(tmp_path, name):
     convs = [layer.name for layer in model.graph.layers if layer.type == "Convolution"]
     assert [r.name for r in report.layers] == convs
     assert all(r.counted and r.ok and not r.note for r in report.layers + report.outputs)
-    assert report.skipped == [] and report.outputs
+    assert report.outputs
+    # the plan run from OUT: what run cannot execute yet is a skipped row, never a failure
+    assert all(s[0].startswith("plan: ") and "run cannot execute op" in s[1]
+               for s in report.skipped)
+    assert all(r.ok if r.counted else r.note.startswith("skipped: ") for r in report.plan)
 
 
 def test_opencv_types_are_found_by_trying():
@@ -231,6 +235,7 @@ def test_yolov3_verifies_every_metal_layer(tmp_path):
     assert report.ok, [(r.name, r.rel, r.note) for r in report.failures]
     convs = [layer.name for layer in model.graph.layers if layer.type == "Convolution"]
     assert len(convs) == 75 and [r.name for r in report.layers] == convs
-    assert all(r.counted for r in report.layers + report.outputs) and not report.skipped
+    assert all(r.counted for r in report.layers + report.outputs)
+    assert all(s[0].startswith("plan: ") for s in report.skipped)   # run lacks Upsample yet
     assert len(report.outputs) == 3
     assert time.perf_counter() - t < 300

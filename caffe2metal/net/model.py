@@ -27,3 +27,6 @@ class Model:
     dropped: list[tuple[str, str, str]] = field(default_factory=list)
     missing_inputs: list[str] = field(default_factory=list)
     text_edits: list[tuple[int, int, str]] = field(default_factory=list)
+    # the TEST-phase data layers that have a transform_param: (layer, type, first top, the
+    # transform_param as a dict); read for the manifest's preprocessing, nothing else
+    data_transforms: list[tuple[str, str, str, dict]] = field(default_factory=list)

@@ -98,7 +98,11 @@ def read_prototxt(path: str | os.PathLike, *, input_shapes: InputShapes | None =
                   excluded=phase.excluded, excluded_blocks=phase.excluded_blocks + deploy.cut,
                   net_unknown_fields=parsed.net_unknown, prototxt=parsed.path, v1=parsed.v1,
                   dropped=deploy.dropped, missing_inputs=deploy.missing,
-                  text_edits=deploy.edits)
+                  text_edits=deploy.edits,
+                  data_transforms=[(m.name, m.type, m.top[0] if m.top else "",
+                                    prototxt.message_to_dict(m.transform_param))
+                                   for _, m in phase.kept if m.type in DATA_TYPES
+                                   and m.HasField("transform_param")])
     model.shapes = shape_rules.infer(graph)                   # 6. shapes
     return model
 

@@ -14,7 +14,6 @@ formats), a mean with the wrong number of values, a negative seed.
 """
 from __future__ import annotations
 
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -23,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Caffe2MetalError
+from ..export import preprocessing
 from ..net.reader import Model
 
 MAX_IMAGE_PIXELS = 1 << 28            # decoded width x height; 2^28 = 16384 x 16384
 MAX_IMAGE_BYTES = 1 << 30             # the encoded file
-CHANNEL_ORDERS = ("BGR", "RGB")
+CHANNEL_ORDERS = preprocessing.CHANNEL_ORDERS
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ImageInput:
     mean: tuple[float, ...] = ()       # one value, or one per channel in the model's order
     scale: float = 1.0
     channel_order: str = "BGR"         # the model's channel order
+    source: str = ""                   # where mean/scale/order come from ("": the options)
 
     def describe(self, width: int, height: int, channels: int) -> str:
         order = ("gray" if channels == 1 else "BGR (as read)" if self.channel_order == "BGR"
@@ -44,8 +45,9 @@ class ImageInput:
         mean = (f"mean [{', '.join(f'{m:g}' for m in self.mean)}] subtracted"
                 if self.mean else "no mean subtraction")
         scale = f"times {self.scale:g}" if self.scale != 1 else "no scaling"
+        where = f"; preprocessing {self.source}" if self.source else ""
         return (f"image {self.path} resized to {width}x{height} (cv2.resize INTER_LINEAR), "
-                f"channels {order}, {mean}, {scale}")
+                f"channels {order}, {mean}, {scale}{where}")
 
 
 def image_input(image: str | os.PathLike | ImageInput | None, *, mean=None, scale=None,
@@ -63,31 +65,25 @@ def image_input(image: str | os.PathLike | ImageInput | None, *, mean=None, scal
             raise Caffe2MetalError(f"{', '.join(given)} only apply to an --image (the default "
                                    "input is uniform random values)")
         return None
-    means = _numbers(mean, "--mean") if mean is not None else ()
-    s = 1.0 if scale is None else float(scale)
-    if not math.isfinite(s) or s == 0:
-        raise Caffe2MetalError(f"--scale {scale!r}: expected a finite number other than 0")
-    order = (channel_order or "BGR").upper()
-    if order not in CHANNEL_ORDERS:
-        raise Caffe2MetalError(f"--channel-order {channel_order!r}: use BGR or RGB")
+    means, s, order = preprocessing.options(mean, scale, channel_order)
     return ImageInput(str(image), tuple(means), s, order)
 
 
-def _numbers(value, option: str) -> tuple[float, ...]:
-    parts: list
-    if isinstance(value, str):
-        parts = [p for p in value.replace(" ", ",").split(",") if p]
-    elif isinstance(value, (int, float)):
-        parts = [value]
-    else:
-        parts = list(value)
+def manifest_image_input(image: str | os.PathLike, manifest: dict,
+                         where: str | os.PathLike | None = None) -> ImageInput:
+    """``image`` preprocessed as the manifest's ``preprocessing`` records (nothing applied
+    when it records nothing); a record that is not usable is an error naming ``where``."""
+    rec = preprocessing.from_manifest(manifest)
+    if rec["source"] == "none":
+        return ImageInput(str(image), source="none: the manifest records no preprocessing")
     try:
-        numbers = tuple(float(p) for p in parts)
-    except (TypeError, ValueError):
-        numbers = ()
-    if not numbers or not all(math.isfinite(n) for n in numbers):
-        raise Caffe2MetalError(f"{option} {value!r}: expected V or V,V,V (finite numbers)")
-    return numbers
+        means, s, order = preprocessing.options(rec.get("mean") or None, rec.get("scale"),
+                                                rec.get("channel_order"))
+    except (Caffe2MetalError, TypeError, ValueError) as e:
+        raise Caffe2MetalError(f"preprocessing: {e}", file=where) from None
+    return ImageInput(str(image), means, s, order,
+                      source=f"as the manifest records (from "
+                             f"{preprocessing.describe_source(rec)})")
 
 
 def check_seed(seed: int) -> int:

@@ -34,6 +34,7 @@ class Row:
     ok: bool = False
     note: str = ""
     counted: bool = True           # False: shown, but not part of the verdict
+    informational: bool = False    # shown for information only: neither a check nor a skip
 
 
 @dataclass
@@ -44,14 +45,19 @@ class Report:
     layers: list[Row] = field(default_factory=list)
     outputs: list[Row] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (check, why it could not run)
+    plan: list[Row] = field(default_factory=list)   # the plan run from OUT (plan_run)
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.layers + self.outputs + self.plan
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.layers + self.outputs if r.counted)
+        return all(r.ok for r in self.rows if r.counted)
 
     @property
     def failures(self) -> list[Row]:
-        return [r for r in self.layers + self.outputs if r.counted and not r.ok]
+        return [r for r in self.rows if r.counted and not r.ok]
 
 
 def _measure(row: Row, ref: np.ndarray, got: np.ndarray, tolerance: float) -> Row:
@@ -94,7 +100,8 @@ def render(report: Report) -> str:
                 "max |diff|", "rel", "tol", "")
         body = []
         for r in rows:
-            status = "ok" if r.ok else ("-" if not r.counted else "FAIL")
+            status = ("info" if r.informational else "ok" if r.ok
+                      else "-" if not r.counted else "FAIL")
             tol = "-" if math.isnan(r.tolerance) else f"{r.tolerance:g}"
             vals = (r.name, r.kind, _fmt_shape(r.shape), f"{r.max_ref:.4g}", f"{r.max_diff:.3g}",
                     f"{r.rel:.3g}", tol, status + (f"  {r.note}" if r.note else ""))
@@ -113,11 +120,15 @@ def render(report: Report) -> str:
                   "model in OpenCV"] + table("layers", report.layers) + [""]
     lines += ["end to end: original vs merged Caffe model (OpenCV, fusion off)"]
     lines += table("outputs", report.outputs) + [""]
-    tols = sorted({r.tolerance for r in report.layers + report.outputs if r.counted
+    if report.plan:
+        lines += ["end to end: the plan run from OUT (numpy MPS model) vs the original model "
+                  "in OpenCV"] + table("outputs", report.plan) + [""]
+    tols = sorted({r.tolerance for r in report.rows if r.counted
                    and not math.isnan(r.tolerance)})
-    counted = [r for r in report.layers + report.outputs if r.counted and not math.isnan(r.rel)]
+    counted = [r for r in report.rows if r.counted and not math.isnan(r.rel)]
     worst = max(counted, key=lambda r: r.rel, default=None)
-    summary = (f"{len(report.layers)} layer check(s), {len(report.outputs)} output(s); "
+    plan = f", {len(report.plan)} plan run row(s)" if report.plan else ""
+    summary = (f"{len(report.layers)} layer check(s), {len(report.outputs)} output(s){plan}; "
                f"tolerance rel <= {', '.join(f'{t:g}' for t in tols)} (per row: column tol)")
     if worst is not None:
         summary += f"; worst rel {worst.rel:.3g} ({worst.name})"

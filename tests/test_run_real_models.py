@@ -27,14 +27,13 @@ TOL_EXCEPTION = {"mobilenetv2_ssd": 2e-4}
 # OpenCV runs these, `run` does not: the plan has an op the numpy runtime cannot execute
 # from OUT, named here with the exact reason (checked: the run fails on that op).
 NOT_RUNNABLE = {
-    # fork layer (SENet-style Axpy: bottom0 (N,C,1,1) * bottom1 + bottom2) with no plan
-    # parameters; not a standard Caffe layer
-    "arcface_lresnet_se": "op '_plus0': app.op 'axpy' (fork layer) has no runtime op",
+    # runs, but OpenCV 4.14's native Axpy computes bottom0*bottom2 + bottom1 (Axpy is
+    # bottom0*bottom1 + bottom2): an OpenCV reference is wrong here; verify runs Axpy in
+    # numpy and checks this net's plan (test_verify's arcface case)
+    "arcface_lresnet_se": "the OpenCV reference's Axpy is wrong (see verification.fork_layers)",
     # the priors are not SSD's PriorBox (FaceBoxes densifies anchors): no priors.dat,
     # so PriorBox ops are `unavailable` (metal.skipped says why)
     "faceboxes": "op 'inception_a3_concat_mbox_priorbox': app.op 'unavailable' (no priors.dat)",
-    # fork layer (ShuffleNet's channel shuffle) whose group is not in the plan
-    "shufflenet_v1": "op 'shuffle2': app.op 'shufflechannel' (fork layer) has no runtime op",
     # SSD's Normalize: its learned scale has no Metal file (metal.skipped), so the plan
     # cannot say it
     "res10_ssd_face": "op 'conv4_3_norm': app.op 'normalize': the scale has no Metal file",
@@ -97,10 +96,10 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
 def test_not_runnable_models_fail_on_the_op_named(tmp_path):
     """The NOT_RUNNABLE reasons are what `run` says (cheapest one checked here)."""
     from caffe2metal.runtime import PlanError
-    path = next((p for p in RUNNABLE if model_id(p) == "shufflenet_v1"), None)
+    path = next((p for p in RUNNABLE if model_id(p) == "res10_ssd_face"), None)
     if path is None:
-        pytest.skip("../shared/models/shufflenet_v1 is absent")
+        pytest.skip("../shared/models/res10_ssd_face is absent")
     model, weights = _prepare(path, tmp_path)
     out = convert(model.prototxt, weights, tmp_path / "out").out
-    with pytest.raises(PlanError, match=r"op 'shuffle2': app\.op: 'shufflechannel'"):
+    with pytest.raises(PlanError, match=r"op 'conv4_3_norm'"):
         run_plan(out)

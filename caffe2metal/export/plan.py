@@ -48,8 +48,10 @@ def _shape(model, blob: str) -> list | None:
 def _realisation(layer: Layer, ctx: PlanContext) -> dict:
     spec = registry.get(layer.type)
     if spec is None or spec.plan is None:
-        return {"app": {"op": layer.type.lower(),
-                        "note": f"no MPS kernel: {layer.type} as Caffe (or its fork) defines it"}}
+        return {"app": {"op": layer.type.lower(), "caffe_type": layer.type,
+                        "params": layer.params,
+                        "note": f"no MPS kernel: {layer.type} as Caffe (or its fork) defines it, "
+                                "with these parameters"}}
     try:
         return spec.plan(layer, ctx)
     except Unknown:

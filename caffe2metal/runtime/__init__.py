@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Caffe2MetalError
+from ..graph import Layer
+from ..layers import registry
 from . import ops
 from .ops import PlanError
 
@@ -199,7 +201,25 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray
         raise PlanError(name, "app.reason", str(app.get("reason")))
     if kind == "detection_output":
         return [ops.detections(op, *xs[:3])]
-    raise PlanError(name, "app.op", f"{kind!r} has no numpy implementation in run")
+    return _fork(op, app, xs)
+
+
+def _fork(op: dict, app: dict, xs: list) -> list[np.ndarray]:
+    """A layer type with no MPS kernel whose numpy ``forward`` role we have (fork layers:
+    Upsample, Axpy, ShuffleChannel, ...), computed from the op's Caffe parameters."""
+    name, caffe_type = op["name"], app.get("caffe_type")
+    forward = registry.forward(caffe_type) if isinstance(caffe_type, str) else None
+    if forward is None:
+        raise PlanError(name, "app.op", f"{app.get('op')!r} has no numpy implementation in run")
+    params = app.get("params")
+    if not isinstance(params, dict):
+        raise PlanError(name, "app.params", "is not an object")
+    layer = Layer(name=name, type=str(caffe_type), bottoms=list(op["bottoms"]),
+                  tops=list(op["tops"]), params=params)
+    try:
+        return [np.asarray(y, np.float32) for y in forward(layer, xs)]
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise PlanError(name, "app.params", f"{type(e).__name__}: {e}") from None
 
 
 _ELEMENTWISE = {

@@ -47,7 +47,17 @@ def _interp_wrong(layer: Layer) -> str | None:
     return None
 
 
-OPENCV_WRONG: dict[str, Callable[[Layer], str | None]] = {"Interp": _interp_wrong}
+def _axpy_wrong(layer: Layer) -> str | None:
+    # Axpy is F = a * X + Y with a = bottom[0] (N x C), X = bottom[1], Y = bottom[2]
+    # (SENet's axpy_layer.hpp; Cambricon/caffe include/caffe/layers/axpy_layer.hpp).
+    # Measured on arcface_lresnet_se: OpenCV 4.14's importer (Scale + Eltwise) gives
+    # bottom[0] * bottom[2] + bottom[1] exactly.
+    return ("OpenCV 4.14 computes bottom0 * bottom2 + bottom1 where Axpy is "
+            "bottom0 * bottom1 + bottom2")
+
+
+OPENCV_WRONG: dict[str, Callable[[Layer], str | None]] = {"Interp": _interp_wrong,
+                                                          "Axpy": _axpy_wrong}
 """Types OpenCV has but computes against the fork's definition for some parameters:
 layer -> why (then verify runs the numpy forward instead), or None."""
 

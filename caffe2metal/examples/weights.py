@@ -210,8 +210,10 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4,
 
     samples = random_inputs(model, seed + 1, batch)
     feed = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
-    # fork layers OpenCV lacks run as numpy layers, as in verify (and are cut where none is)
-    forks = fork_layers.plan(g, drop)
+    # fork layers OpenCV lacks run as numpy layers, as in verify (and are cut where none is);
+    # the ones OpenCV has are left to it, so the statistics are those of the nets the tests
+    # compare in OpenCV (ArcFace-SE's Axpy, which OpenCV computes its own way)
+    forks = fork_layers.plan(g, drop, replace_wrong=False)
     # OpenCV keeps no reference of its own to what it is given: hold this one until the end
     batch_stats_norm = functools.partial(BatchStatsNorm, bns=bns, seen=seen)
     # (both are duck-typed OpenCV layers: getMemoryShapes and forward)

@@ -121,18 +121,20 @@ class Plan:
     """layer name -> why its numpy forward replaces OpenCV's own implementation"""
 
 
-def plan(graph: Graph, drop: Collection[str] = ()) -> Plan:
+def plan(graph: Graph, drop: Collection[str] = (), replace_wrong: bool = True) -> Plan:
     """Which layers of ``graph`` run in numpy inside OpenCV and which cannot run at all.
 
     Layers of the types in ``drop`` are left out by the caller (see
-    ``opencv_text``) and are not considered here."""
+    ``opencv_text``) and are not considered here.  ``replace_wrong``: also run in
+    numpy the layers OpenCV has but computes wrongly (``OPENCV_WRONG``)."""
     p = Plan()
     for layer, key in zip(graph.layers, layer_keys(graph), strict=True):
         if layer.type == "Input" or layer.type in drop:
             continue
         after = next((p.unavailable[b] for b in layer.bottoms if b in p.unavailable), None)
         reason = after
-        wrong = OPENCV_WRONG.get(layer.type, lambda _: None)(layer) if after is None else None
+        wrong = (OPENCV_WRONG.get(layer.type, lambda _: None)(layer)
+                 if after is None and replace_wrong else None)
         if reason is None and (wrong or not opencv_has(registry.opencv_type(layer.type),
                                                        len(layer.bottoms))):
             forward = registry.forward(layer.type)

@@ -38,3 +38,9 @@ def test_wheel_has_the_schema_and_no_tools(tmp_path):
     assert PurePosixPath("caffe2metal/__init__.py") in names
     assert [str(n) for n in names if n.parts[0] == "tools"] == []
     assert [str(n) for n in names if n.name.startswith(("bench", "fuzz"))] == []
+    # every module of the package is in the wheel (a subpackage missing from pyproject's
+    # list would be absent from a user's install while the editable one still finds it)
+    source = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "caffe2metal").rglob("*.py")
+                    if "__pycache__" not in p.parts)
+    packed = {str(n) for n in names}
+    assert [m for m in source if m not in packed] == []

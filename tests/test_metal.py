@@ -416,11 +416,16 @@ def test_unexportable_layers_are_listed_not_dropped(tmp_path):
         + 'layer { name: "p" type: "PReLU" bottom: "n" top: "p" }\n'
         + 'layer { name: "gate" type: "Scale" bottom: "p" bottom: "a" top: "g" }\n',
         (1, 4, 3, 3))
-    result, _, _ = convert_net(tmp_path, text)
+    result, model, out = convert_net(tmp_path, text)
     skipped = {s["name"]: s["reason"] for s in result.manifest["metal"]["skipped"]}
-    assert set(skipped) == {"n", "p", "gate"}
+    assert set(skipped) == {"p", "gate"}
     assert "second bottom" in skipped["gate"]
     assert [e["name"] for e in result.manifest["layers"]] == ["a"]
+    # Normalize has no MPS kind: its scale is a file of the plan's normalize op
+    (norm,) = result.manifest["metal"]["normalize"]
+    assert norm["name"] == "n" and norm["scale"]["layout"] == "[1] scale"
+    np.testing.assert_array_equal(read_back(out, norm["scale"]),
+                                  np.reshape(model.graph.layer("n").blobs[0], -1))
 
 
 def test_forge_naming(tmp_path):
@@ -620,8 +625,10 @@ def test_real_ssd_priors(tmp_path, name):
         == expected
     assert (det["nms_threshold"], det["code_type"], det["share_location"]) == \
         (0.45, "CENTER_SIZE", True)
-    if name in ("vgg_ssd300", "res10_ssd_face"):      # conv4_3_norm: listed, not dropped
-        assert "Normalize" in {s["type"] for s in manifest["metal"]["skipped"]}
+    if name in ("vgg_ssd300", "res10_ssd_face"):      # conv4_3_norm: its scale, [C]
+        (norm,) = manifest["metal"]["normalize"]
+        assert (norm["name"], norm["scale"]["layout"]) == ("conv4_3_norm", "[C] scale")
+        assert "Normalize" not in {s["type"] for s in manifest["metal"]["skipped"]}
 
 
 # ---------------------------------------------------------------- a real architecture, verified

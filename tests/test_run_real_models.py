@@ -34,10 +34,6 @@ NOT_RUNNABLE = {
     # the priors are not SSD's PriorBox (FaceBoxes densifies anchors): no priors.dat,
     # so PriorBox ops are `unavailable` (metal.skipped says why)
     "faceboxes": "op 'inception_a3_concat_mbox_priorbox': app.op 'unavailable' (no priors.dat)",
-    # SSD's Normalize: its learned scale has no Metal file (metal.skipped), so the plan
-    # cannot say it
-    "res10_ssd_face": "op 'conv4_3_norm': app.op 'normalize': the scale has no Metal file",
-    "vgg_ssd300": "op 'conv4_3_norm': app.op 'normalize': the scale has no Metal file",
 }
 # Cheap enough (under ~2 s) for `make test-fast`.
 FAST = {"mobilenet_ssd"}
@@ -82,24 +78,27 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
         rel = _rel(result.values[last[names[b]]], theirs)
         assert rel <= TOL_EXCEPTION.get(name, TOL), f"{name}: {names[b]}: rel {rel:.3g}"
     if det:
-        rows = ref[-1].reshape(-1, 7)
-        rows = rows[rows[:, 1] >= 0]
+        rows = ref[-1].reshape(-1, 7)          # OpenCV pads with zero rows of label 0
+        background = manifest["ssd"]["detection_output"]["background_label_id"]
+        rows = rows[(rows[:, 1] >= 0) & (rows[:, 1] != background)]
         assert len(result.detections) == len(rows) > 0, name
         # synthetic weights saturate many scores (ties at 1.0): which of the tied boxes
         # keep_top_k keeps is an ordering accident, so the sets are compared above the
         # lowest kept score only (both sides), and the count overall
         cut = float(rows[:, 2].min()) + 1e-3
         mine = [d for d in result.detections if d["score"] > cut]
-        assert same_detections(mine, rows[rows[:, 2] > cut]), name
+        # res10_ssd_face decodes boxes 1e5 wide and 1e-6 high (IoU ill-conditioned): those
+        # match by coordinates, measured within 7.5e-6 of the box's largest
+        assert same_detections(mine, rows[rows[:, 2] > cut], coord_tol=2e-5), name
 
 
 def test_not_runnable_models_fail_on_the_op_named(tmp_path):
-    """The NOT_RUNNABLE reasons are what `run` says (cheapest one checked here)."""
+    """The NOT_RUNNABLE reasons are what `run` says (the one that cannot run checked here)."""
     from caffe2metal.runtime import PlanError
-    path = next((p for p in RUNNABLE if model_id(p) == "res10_ssd_face"), None)
+    path = next((p for p in RUNNABLE if model_id(p) == "faceboxes"), None)
     if path is None:
-        pytest.skip("../shared/models/res10_ssd_face is absent")
+        pytest.skip("../shared/models/faceboxes is absent")
     model, weights = _prepare(path, tmp_path)
     out = convert(model.prototxt, weights, tmp_path / "out").out
-    with pytest.raises(PlanError, match=r"op 'conv4_3_norm'"):
+    with pytest.raises(PlanError, match=r"op 'inception_a3_concat_mbox_priorbox': app.reason"):
         run_plan(out)

@@ -7,9 +7,12 @@ and the manifest keys ``layers``, ``metal`` and (SSD only) ``ssd``.
 Which Caffe layer becomes which MPS kind is each type's ``export`` role in
 ``layers`` (convolution, deconvolution, inner_product); the kinds and their
 layouts are ``mps.KINDS``.  An unfoldable BatchNorm/Scale chain becomes one
-``channel_affine``.  Other layers with parameters (Normalize, a PReLU that does
-not follow an exported layer, a Scale that multiplies by a second bottom, ...)
-are listed in ``metal.skipped`` with the reason, never silently dropped.
+``channel_affine``.  SSD's Normalize has no MPS kind: its learned scale is one
+float32 file (``[C] scale``, ``[1] scale`` when channel_shared), listed in
+``metal.normalize`` for the plan's ``normalize`` app op.  Other layers with
+parameters (a PReLU that does not follow an exported layer, a Scale that
+multiplies by a second bottom, ...) are listed in ``metal.skipped`` with the
+reason, never silently dropped.
 
 The manifest format is specified once, in the README ("Output: OUT/manifest.json
 and OUT/metal/"), and machine-readably in ``manifest.schema.json`` beside this
@@ -70,6 +73,7 @@ class _Export:
         self.outputs = set(merged.outputs())
         self.entries: list[dict] = []
         self.skipped: list[dict] = []
+        self.normalize: list[dict] = []
         self.slopes_done: set[str] = set()
 
     def run(self) -> dict:
@@ -81,15 +85,17 @@ class _Export:
                 self._kept_chain(layer)
             elif layer.name in self.in_kept:
                 continue                              # written with its chain's first layer
+            elif layer.type == "Normalize" and len(layer.blobs) == 1:
+                self._normalize(layer)
             elif layer.blobs and layer.name not in self.slopes_done:
                 self.skipped.append({"name": layer.name, "type": layer.type,
                                      "reason": _skip_reason(layer)})
-        result = {
-            "layers": self.entries,
-            "metal": {"directory": METAL_DIR, "naming": self.naming,
-                      "weights_dtype": self.dtype, "bias_dtype": "float32",
-                      "byte_order": "little", "skipped": self.skipped},
-        }
+        metal: dict = {"directory": METAL_DIR, "naming": self.naming,
+                       "weights_dtype": self.dtype, "bias_dtype": "float32",
+                       "byte_order": "little", "skipped": self.skipped}
+        if self.normalize:
+            metal["normalize"] = self.normalize
+        result: dict = {"layers": self.entries, "metal": metal}
         try:
             ssd = describe_ssd(self.model, self.merged, self.writer)
         except NotSSDPriors as e:
@@ -168,6 +174,15 @@ class _Export:
                                    [layer.name for layer in chain], self._blob(chain[0].bottoms[0]),
                                    self._blob(top), act))
 
+    def _normalize(self, layer: Layer) -> None:
+        """SSD's Normalize: its scale (one per channel, or one) for the plan's app op."""
+        scale = np.asarray(layer.blobs[0], np.float32).reshape(-1)
+        shared = bool(_param(layer, "norm_param").get("channel_shared", True))
+        spec = self.writer.write(file_names(layer.name, self.naming)[0], layer.name,
+                                 finite32(scale, layer.name), "float32",
+                                 "[1] scale" if shared else "[C] scale")
+        self.normalize.append({"name": layer.name, "scale": spec})
+
 
 def _entry(name, caffe_type, geo, wspec, bspec, folded, chain, inp, outp, act) -> dict:
     return {"name": name, "type": caffe_type, "kind": geo["kind"], "weights": wspec,
@@ -184,8 +199,6 @@ def _skip_reason(layer: Layer) -> str:
     if layer.type == "PReLU":
         return ("PReLU that does not follow an exported layer (MPS: MPSCNNNeuronPReLU; slopes "
                 "in the caffemodel)")
-    if layer.type == "Normalize":
-        return "Normalize (L2 over channels, then per-channel scale) has no MPS weight layout here"
     return f"{layer.type} has no MPS weight export"
 
 

@@ -21,7 +21,9 @@ from ..layers.registry import PlanContext, Unknown
 def build_plan(model, merged: Graph, manifest: dict) -> list[dict]:
     """The ``plan`` key of the manifest (after ``export.metal`` filled ``layers``/``ssd``)."""
     entries = {e["name"]: e for e in manifest.get("layers", [])}
-    ctx = PlanContext(shapes=model.shapes.blobs, entries=entries, ssd=manifest.get("ssd"))
+    scales = {n["name"]: n["scale"] for n in (manifest.get("metal") or {}).get("normalize", [])}
+    ctx = PlanContext(shapes=model.shapes.blobs, entries=entries, ssd=manifest.get("ssd"),
+                      scales=scales)
     covered = {n: e["name"] for e in entries.values() for n in e.get("chain", [])[1:]}
     chain_top = {e["name"]: merged.layer(e["chain"][-1]).tops[0]
                  for e in entries.values() if e.get("chain")}

@@ -34,7 +34,7 @@ its outputs have unknown shapes, and nothing is guessed about it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -96,10 +96,12 @@ class LayerType:
 @dataclass(frozen=True)
 class PlanContext:
     """What a ``plan`` role reads besides the layer: Caffe shapes of unique blobs, the
-    manifest's weight entry of a layer (or None), and the manifest's ``ssd`` key."""
+    manifest's weight entry of a layer (or None), the manifest's ``ssd`` key, and its
+    ``metal.normalize`` (Normalize layer name -> its scale file object)."""
     shapes: dict
     entries: dict
     ssd: dict | None = None
+    scales: dict = field(default_factory=dict)
 
     def shape(self, blob: str) -> tuple:
         s = self.shapes.get(blob)

@@ -3,7 +3,8 @@
 PriorBox's output depends only on the feature map's and the image's sizes and
 its parameters (``priorbox.prior_boxes``): [1][2][H*W*priors_per_cell*4].
 Normalize (L2 across channels, then a per-channel or shared scale) has one
-blob.  DetectionOutput's row count depends on the data: [1][1][?][7].
+blob, its scale: [C], or [1] when channel_shared (Caffe's blob is then 0-D).
+DetectionOutput's row count depends on the data: [1][1][?][7].
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _detection_output(layer, ins):
 
 def _plan(layer, ctx) -> dict:
     """PriorBox is a constant (its columns of ``priors.dat``); Normalize and
-    DetectionOutput are app code with Caffe's semantics (``layers.detection``)."""
+    DetectionOutput are app code with Caffe's semantics (``_normalize_plan``,
+    ``layers.detection``)."""
     if layer.type == "PriorBox":
         ssd = ctx.ssd or {}
         start = 0
@@ -74,12 +76,7 @@ def _plan(layer, ctx) -> dict:
         return {"app": {"op": "unavailable", "reason": "no priors.dat columns (see "
                         "metal.skipped)"}}
     if layer.type == "Normalize":
-        q = layer.params.get("norm_param", {})
-        return {"app": {"op": "normalize", "across_spatial": q.get("across_spatial", True),
-                        "channel_shared": q.get("channel_shared", True),
-                        "eps": q.get("eps", 1e-10),
-                        "note": "x / sqrt(sum over channels of x^2 + eps) * scale; the scale "
-                                "has no Metal file (metal.skipped)"}}
+        return _normalize_plan(layer, ctx)
     det = (ctx.ssd or {}).get("detection_output")
     if det is None:
         return {"app": {"op": "unavailable", "reason": "DetectionOutput without SSD priors "
@@ -87,6 +84,30 @@ def _plan(layer, ctx) -> dict:
     return {"app": {"op": "detection_output", "params": det,
                     "note": "bottoms: loc, conf (softmaxed), priors; decode each prior's box, "
                             "per-class NMS, keep_top_k (caffe2metal.layers.detection)"}}
+
+
+def _normalize_plan(layer, ctx) -> dict:
+    """weiliu89's normalize_layer.cpp Forward_cpu as an app op: y = x / sqrt(s + eps) * scale,
+    s the sum of x^2 over the channels of each pixel (over C, H and W when across_spatial),
+    eps added before the square root as Caffe does; the scale file from ``metal.normalize``.
+    MPS has no kernel for it (MPSCNNCrossChannelNormalization is LRN's centred window)."""
+    q = layer.params.get("norm_param", {})
+    scale = ctx.scales.get(layer.name)
+    if scale is None:
+        return {"app": {"op": "unavailable", "reason": "Normalize without a scale file (no "
+                        "learned scale blob)"}}
+    return {"app": {"op": "normalize", "across_spatial": bool(q.get("across_spatial", True)),
+                    "channel_shared": bool(q.get("channel_shared", True)),
+                    "eps": q.get("eps", 1e-10), "scale": scale,
+                    "note": "y = x / sqrt(sum of x^2 + eps) * scale[c] (scale[0] when "
+                            "channel_shared); the sum is over the channels of each pixel, or "
+                            "over the whole C x H x W blob when across_spatial.  No single MPS "
+                            "kernel: app code (a compute shader), or MPS pieces: MPSCNNMultiply "
+                            "(x*x), MPSNNReduceFeatureChannelsSum, MPSCNNNeuronPower (a=1, "
+                            "b=eps, c=-0.5), MPSCNNMultiply by that one-channel image broadcast "
+                            "over the channels, then the scale (a depthwise 1x1 convolution); "
+                            "across_spatial also needs a spatial sum (MPSNNReduceRowSum, "
+                            "MPSNNReduceColumnSum); that composition is not run on a GPU here"}}
 
 
 register_plan("PriorBox", "Normalize", "DetectionOutput", plan=_plan)

@@ -197,6 +197,8 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray
             raise PlanError(name, "app.columns", f"[{start}, {count}] is outside priors.dat's "
                             f"{priors.shape[1]} columns")
         return [priors[:, start:start + count][None]]
+    if kind == "normalize":
+        return [ops.normalize(op, app, xs[0], _array(out, app.get("scale"), name).reshape(-1))]
     if kind == "unavailable":
         raise PlanError(name, "app.reason", str(app.get("reason")))
     if kind == "detection_output":

@@ -201,6 +201,33 @@ def lrn(op: dict, app: dict, x: np.ndarray) -> np.ndarray:
     return (x / scale ** beta).astype(np.float32)
 
 
+def normalize(op: dict, app: dict, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """SSD's Normalize (weiliu89's normalize_layer.cpp): ``x / sqrt(sum of x^2 + eps)`` with
+    the sum over the channels of each pixel (over the whole C x H x W blob when
+    ``across_spatial``), times ``scale[c]`` (``scale[0]`` for every channel if
+    ``channel_shared``)."""
+    eps = app.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not np.isfinite(eps):
+        raise PlanError(op["name"], "app.eps", f"{eps!r} is not a finite number")
+    flags = [app.get(k) for k in ("across_spatial", "channel_shared")]
+    for key, v in zip(("across_spatial", "channel_shared"), flags, strict=True):
+        if not isinstance(v, bool):
+            raise PlanError(op["name"], f"app.{key}", f"{v!r} is not true or false")
+    across, shared = flags
+    x = np.asarray(x, np.float64)
+    if x.ndim < 2:
+        raise PlanError(op["name"], "bottoms", f"a {x.ndim}-D blob (Normalize needs N, C, ...)")
+    c = x.shape[1]
+    if scale.size != (1 if shared else c):
+        raise PlanError(op["name"], "app.scale", f"{scale.size} values for {c} channels"
+                        + (" (channel_shared: one)" if shared else ""))
+    axes = tuple(range(1, x.ndim)) if across else (1,)
+    s = scale.astype(np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+    with np.errstate(all="ignore"):
+        norm = np.sqrt((x * x).sum(axis=axes, keepdims=True) + float(eps))
+        return (x / norm * s).astype(np.float32)
+
+
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     e = np.exp(x - x.max(axis=axis, keepdims=True))

@@ -6,7 +6,8 @@ on the input verify fed the original.  One row per net output (rel = max |diff| 
 max |ref|, as every row); for an SSD net the outputs of DetectionOutput are its
 inputs (``loc``, ``conf``: the rows hold the values) plus one row ``detections``
 comparing the two detection lists as sets (as an app reads them; their order in
-the 1x1xNx7 blob is no contract): every detection matches one of the other with
+the 1x1xNx7 blob is no contract; OpenCV's zero rows of the background label, its
+padding up to keep_top_k, are none): every detection matches one of the other with
 the same label, score within 1e-3 and IoU >= 0.99, and the counts agree (a box with
 a non-finite coordinate, decoded from a huge loc value, or without area has no IoU:
 its coordinates must then be equal, non-finite ones exactly, as every row matches
@@ -107,16 +108,21 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
         if producer is not None and producer.type == "DetectionOutput":
             for x in producer.bottoms[:2]:
                 compare(graph.blob_names.get(x, x), producers[x].type, x)
+            background = ((manifest.get("ssd") or {}).get("detection_output") or {}).get(
+                "background_label_id", 0)
             rows.append(_detections(report, values[b], result, cut, failure, producer.name,
-                                    dtype))
+                                    dtype, background))
         else:
             compare(name, producer.type if producer is not None else "?", b)
     return rows
 
 
 def _detections(report: Report, ref_rows: np.ndarray, result, cut: dict, failure: str | None,
-                layer: str, dtype: str) -> Row:
-    theirs = [r for r in np.asarray(ref_rows, np.float64).reshape(-1, 7) if r[1] >= 0]
+                layer: str, dtype: str, background: object = 0) -> Row:
+    # OpenCV 4.14 pads its output to keep_top_k rows of zeros (label 0): no DetectionOutput
+    # emits the background label (Caffe's and OpenCV's class loops skip it)
+    theirs = [r for r in np.asarray(ref_rows, np.float64).reshape(-1, 7)
+              if r[1] >= 0 and r[1] != background]
     row = Row("detections", "sets (label, score, IoU)", (len(theirs),),
               tolerance=SCORE_TOLERANCE)
     ran = result is not None and layer not in cut and failure is None

@@ -112,8 +112,8 @@ def test_fuzz_loop_reports_counts(tmp_path):
 
 
 def test_hostile_manifests_through_verify_and_compare(tmp_path):
-    """tools/fuzz.py's manifest generator, bounded: every outcome is a result or one
-    error line, nothing written."""
+    """tools/fuzz.py's manifest generator, bounded: verify, compare and run end in a
+    result or one error line, nothing written."""
     import json
     import random
     rnd = random.Random(7)
@@ -122,6 +122,24 @@ def test_hostile_manifests_through_verify_and_compare(tmp_path):
     results = {fuzz.run_manifest(fuzz.mutate_manifest(rnd, manifest), tmp_path / "w", base)
                for _ in range(25)}
     assert "error" in results
+
+
+def test_hostile_plans_through_run(tmp_path):
+    """tools/fuzz.py's plan generator, bounded (tiny and the example, 40 plans): ``run``
+    exits 0, or 2 with one error line; never a traceback, a hang, a huge allocation."""
+    import collections
+    import random
+    rnd = random.Random(11)
+    results: collections.Counter = collections.Counter()
+    for _ in range(40):
+        manifest, files, base, argv = fuzz.hostile_plan(rnd, tmp_path / "bases")
+        try:
+            results[fuzz.run_plan_manifest(manifest, files, tmp_path / "w", base, argv)] += 1
+        except fuzz.Failure as f:
+            saved = fuzz.save_crash(CRASHES, b"", manifest, f"plan: {f}\nfiles {files}")
+            pytest.fail(f"hostile plan (saved as {saved}.caffemodel, the manifest): {f}",
+                        pytrace=False)
+    assert results["error"] > 10 and results["ok"] > 0, results
 
 
 @pytest.mark.parametrize("kind", ["link_at_name", "file", "nested"])

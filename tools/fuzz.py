@@ -39,11 +39,16 @@ written outside OUT, a partial OUT left behind after an error, a thread left
 running, an OUT that lacks its manifest after a success, or an input that
 ``inspect`` rejects but ``convert`` accepts (both read it the same way).
 
-About a quarter of the inputs instead run ``verify`` and ``compare`` on a real
-output (the ``tiny`` seed converted once) whose ``manifest.json`` is mutated
+About a quarter of the inputs instead run ``verify``, ``compare`` and ``run`` on a
+real output (the ``tiny`` seed converted once) whose ``manifest.json`` is mutated
 (``mutate_manifest``: keys deleted, hostile values of every type, huge numbers,
-path traversal, deep nesting, NaN, truncated or non-UTF-8 bytes); both must end
-in a result or one ``caffe2metal: ...`` error line and write nothing.  One in
+path traversal, deep nesting, NaN, truncated or non-UTF-8 bytes); each must end
+in a result or one ``caffe2metal: ...`` error line and write nothing (``run``: exit
+status 0, or 2 with one ``caffe2metal: error: ...`` line).  About one in eight runs
+``run`` alone on a hand-edited plan (``mutate_plan``, of ``tiny`` or the built-in
+example: op fields, shapes, offsets and other geometry, ops and blobs out of order,
+file specs, files deleted, truncated or grown on disk, absurd op counts and input
+sizes) under the same rules, never a traceback, a hang or a MemoryError.  One in
 fifty runs ``example`` into a hostile target (``EXAMPLE_TARGETS``: a file, a
 link, FIFO or directory at a target name, missing parents, a name that is not
 UTF-8): it must never write through a link nor leave temporary files, partial
@@ -852,10 +857,272 @@ def run_manifest(manifest: bytes, workdir: str | os.PathLike, base_root: str | o
     v = _cli_outcome(["verify", str(proto), str(weights), str(out)], seconds, "verify: ",
                      (0, 1, 2, 3))
     c = _cli_outcome(["compare", str(base), str(out)], seconds, "compare: ", (0, 2))
+    r = _run_outcome(out, seconds)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     if after != before or {p.name for p in work.iterdir()} != {"out"}:
-        raise Failure("verify or compare changed or wrote files")
-    return "error" if 2 in (v, c) else "ok"
+        raise Failure("verify, compare or run changed or wrote files")
+    return "error" if 2 in (v, c, r) else "ok"
+
+
+def _run_outcome(out: Path, seconds: float, argv: tuple[str, ...] = ()) -> int:
+    """``run OUT``: 0, or 2 with one ``caffe2metal: error: ...`` line (3 is not a run
+    outcome: run verifies nothing)."""
+    status, _, err = _run_cli(["run", str(out), *argv], seconds, 2 << 30, what="run: ")
+    if status not in (0, 2):
+        raise Failure(f"run: exit status {status}, expected 0 or 2; stderr: {err!r}")
+    if status == 2 and (not _one_error_line(err) or "Traceback" in err):
+        raise Failure(f"run: stderr is not one 'caffe2metal: error: ...' line: {err!r}")
+    return status
+
+
+# ---------------------------------------------------------------- run on hostile plans
+
+PLAN_NUMBERS = [0, -1, 1, 2, 3, 4, 5, 7, 8, 9, 16, 150, 2**16, 2**31 - 1, 2**31, 2**40, 10**9,
+                -10**9, 10**30, 1.5, -0.0, 1e308, None, True, "8", [], {}, [8], {"x": 1}]
+GEOMETRY = ("kernelSize", "stride", "dilation", "offset")
+FILE_SPECS = ("weights", "bias")
+
+
+def _ops(m: dict) -> list:
+    return [op for op in m["plan"] if isinstance(op, dict)]
+
+
+def _blob_names(m: dict) -> list[str]:
+    names = [i.get("name") for i in m.get("inputs", []) if isinstance(i, dict)]
+    names += [t for op in _ops(m) for t in op.get("tops", []) if isinstance(t, str)]
+    return [n for n in names if isinstance(n, str)] or ["data"]
+
+
+def _specs(m: dict) -> list[dict]:
+    """Every file object of the manifest run reads: weights, bias, slopes, priors, scale."""
+    found = [e[k] for e in m.get("layers", []) if isinstance(e, dict)
+             for k in FILE_SPECS if isinstance(e.get(k), dict)]
+    found += [(op.get("mps") or {}).get("slopes") for op in _ops(m)]
+    found += [(op.get("app") or {}).get("scale") for op in _ops(m)]
+    found.append((m.get("ssd") or {}).get("priors"))
+    return [f for f in found if isinstance(f, dict)]
+
+
+def _edit_shape(rnd: random.Random, m: dict) -> None:
+    ops = [op for op in _ops(m) if isinstance(op.get("shapes"), dict) and op["shapes"]]
+    if not ops:
+        return
+    op = rnd.choice(ops)
+    blob = rnd.choice(list(op["shapes"]))
+    shape = op["shapes"][blob]
+    k = rnd.randrange(6)
+    if k == 0 or not isinstance(shape, list) or not shape:      # another blob's shape
+        other = rnd.choice(ops)
+        op["shapes"][blob] = json.loads(json.dumps(rnd.choice(list(other["shapes"].values()))))
+    elif k in (1, 2):                                            # one dimension
+        shape[rnd.randrange(len(shape))] = rnd.choice(PLAN_NUMBERS)
+    elif k == 3:                                                 # a dimension more or less
+        if rnd.random() < 0.5:
+            shape.insert(rnd.randrange(len(shape) + 1), rnd.choice([1, 2, 3]))
+        else:
+            del shape[rnd.randrange(len(shape))]
+    elif k == 4:                                                 # huge
+        op["shapes"][blob] = [1, 2**20, 2**20, rnd.choice([1, 8, 2**20])]
+    else:
+        op["shapes"][blob] = rnd.choice([None, "x", [None], [-1], [1] * 40, {}])
+
+
+def _edit_geometry(rnd: random.Random, m: dict) -> None:
+    ops = [op for op in _ops(m) if isinstance(op.get("mps"), dict)]
+    if not ops:
+        return
+    mps = rnd.choice(ops)["mps"]
+    key = rnd.choice([*GEOMETRY, "destination", "groups", "kind", "kernel", "entry", "edgeMode",
+                      "neuronType", "a", "b", "c", "secondaryScale",
+                      "destinationFeatureChannelOffsets", "channelMap", "zeroPadSizeX"])
+    v = mps.get(key)
+    if isinstance(v, dict) and v and rnd.random() < 0.8:
+        v[rnd.choice(list(v))] = rnd.choice(PLAN_NUMBERS)
+    elif isinstance(v, list) and v and rnd.random() < 0.8:
+        v[rnd.randrange(len(v))] = rnd.choice(PLAN_NUMBERS)
+    elif key in ("kernel", "kind", "entry", "edgeMode", "neuronType") and rnd.random() < 0.7:
+        values = {op["mps"].get(key) for op in ops} | {"MPSCNNPoolingAverage", "zero",
+                                                        "convolution_transpose", "ghost"}
+        mps[key] = rnd.choice(sorted(values, key=str))
+    elif rnd.random() < 0.3:
+        mps.pop(key, None)
+    else:
+        mps[key] = rnd.choice(PLAN_NUMBERS)
+
+
+def _edit_order(rnd: random.Random, m: dict) -> None:
+    plan = m["plan"]
+    if not plan:
+        return
+    i, j = rnd.randrange(len(plan)), rnd.randrange(len(plan))
+    op = plan[i] if isinstance(plan[i], dict) else {}
+    k = rnd.randrange(8)
+    if k == 0:                                                   # two ops swapped
+        plan[i], plan[j] = plan[j], plan[i]
+    elif k == 1:                                                 # an op moved
+        plan.insert(j, plan.pop(i))
+    elif k == 2:                                                 # an op twice
+        plan.insert(j, json.loads(json.dumps(plan[i])))
+    elif k == 3:                                                 # an op gone
+        del plan[i]
+    elif k == 4 and isinstance(op.get("bottoms"), list):         # reads another blob
+        names = _blob_names(m)
+        if op["bottoms"] and rnd.random() < 0.7:
+            op["bottoms"][rnd.randrange(len(op["bottoms"]))] = rnd.choice(names)
+        else:
+            op["bottoms"].append(rnd.choice(names))
+    elif k == 5 and isinstance(op.get("tops"), list):            # writes another blob
+        names = _blob_names(m)
+        if op["tops"] and rnd.random() < 0.7:
+            op["tops"][rnd.randrange(len(op["tops"]))] = rnd.choice(names)
+        else:
+            op["tops"].append(rnd.choice(names))
+    elif k == 6:                                                 # bottoms and tops exchanged
+        op["bottoms"], op["tops"] = op.get("tops"), op.get("bottoms")
+    else:                                                        # not an op
+        plan[i] = rnd.choice([None, 1, "conv1", [], {}, {"name": 1}, {"name": "x"}])
+
+
+def _edit_file(rnd: random.Random, m: dict, files: list) -> None:
+    specs = _specs(m)
+    if not specs:
+        return
+    spec = rnd.choice(specs)
+    k = rnd.randrange(7)
+    if k == 0:                                                   # the file damaged on disk
+        files.append((spec.get("file"), rnd.choice(["delete", "truncate", "grow", "dir"])))
+    elif k == 1:                                                 # another file
+        spec["file"] = rnd.choice([rnd.choice(specs).get("file"), "metal/none.dat", "metal",
+                                   "../manifest.json", "/etc/passwd", "metal/../manifest.json",
+                                   "", 1, None])
+    elif k == 2:
+        spec["dtype"] = rnd.choice(["float16", "float32", "float64", "int8", None, 4])
+    elif k == 3 and isinstance(spec.get("shape"), list) and spec["shape"]:
+        spec["shape"][rnd.randrange(len(spec["shape"]))] = rnd.choice(PLAN_NUMBERS)
+    elif k == 4:
+        spec["shape"] = rnd.choice([[], [0], [1], [2, 2], [2**31], [-4], None, "x"])
+    elif k == 5:
+        spec.pop(rnd.choice(["file", "dtype", "shape", "sha256"]), None)
+    else:
+        spec["sha256"] = rnd.choice(["0" * 64, "", None, 1])
+
+
+def _edit_op_field(rnd: random.Random, m: dict) -> None:
+    ops = _ops(m)
+    if not ops:
+        return
+    op = rnd.choice(ops)
+    paths = [p for p in _paths(op) if p]
+    path = rnd.choice(paths)
+    parent = op
+    for key in path[:-1]:
+        parent = parent[key]
+    if rnd.random() < 0.25:
+        del parent[path[-1]]
+    elif rnd.random() < 0.5:                                     # the same field of another op
+        other = rnd.choice(ops)
+        v = other
+        for key in path:
+            if not isinstance(v, dict | list) or (isinstance(v, dict) and key not in v) or \
+                    (isinstance(v, list) and not (isinstance(key, int) and key < len(v))):
+                v = rnd.choice(PLAN_NUMBERS)
+                break
+            v = v[key]
+        parent[path[-1]] = json.loads(json.dumps(v))
+    else:
+        parent[path[-1]] = rnd.choice(PLAN_NUMBERS + HOSTILE_VALUES)
+
+
+def mutate_plan(rnd: random.Random, manifest: dict) -> tuple[bytes, list]:
+    """A plan edited by hand: op fields, shapes, geometry (offsets, strides, kernels,
+    destinations), ops and blobs out of order, file specs; and files damaged on disk.
+    Returns (manifest.json bytes, [(relative file, "delete"|"truncate"|"grow"|"dir")])."""
+    m = json.loads(json.dumps(manifest))
+    files: list = []
+    for _ in range(rnd.choice([1, 1, 1, 2, 3])):
+        k = rnd.randrange(10)
+        try:            # an earlier edit may have left anything where an edit looks
+            if k < 2:
+                _edit_shape(rnd, m)
+            elif k < 4:
+                _edit_geometry(rnd, m)
+            elif k < 6:
+                _edit_order(rnd, m)
+            elif k < 8:
+                _edit_file(rnd, m, files)
+            elif k < 9:
+                _edit_op_field(rnd, m)
+            elif rnd.random() < 0.1:                             # absurd op counts
+                m["plan"] = m["plan"] + [{}] * 1_000_001
+            else:
+                m["inputs"] = rnd.choice([[{"name": "data", "shape": [1, 3, 2**20, 2**20]}],
+                                          [{"name": "data", "shape": [1, -3, 8, 8]}],
+                                          [{"name": "data"}], [], None, "data"])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            continue
+    return json.dumps(m).encode(), files
+
+
+def _damage(out: Path, files: list) -> None:
+    for rel, how in files:
+        if not isinstance(rel, str) or not rel.startswith("metal/") or ".." in rel:
+            continue
+        path = out / rel
+        if not path.is_file():
+            continue
+        if how == "delete":
+            path.unlink()
+        elif how == "truncate":
+            path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+        elif how == "grow":
+            path.write_bytes(path.read_bytes() + b"\0" * 4)
+        else:
+            path.unlink()
+            path.mkdir()
+
+
+def run_plan_manifest(manifest: bytes, files: list, workdir: str | os.PathLike, base: Path,
+                      argv: tuple[str, ...] = (), seconds: float = 30.0) -> str:
+    """``run`` on a copy of the converted ``base`` with ``manifest`` and ``files`` damaged:
+    "ok" or "error", else raise Failure (a traceback, another status, a hang, a
+    MemoryError under 2 GiB more address space, a file written)."""
+    work = Path(workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "out"
+    shutil.copytree(base, out)
+    (out / "manifest.json").write_bytes(manifest)
+    _damage(out, files)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    status = _run_outcome(out, seconds, argv)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if after != before or {p.name for p in work.iterdir()} != {"out"}:
+        raise Failure("run changed or wrote files")
+    return "ok" if status == 0 else "error"
+
+
+@functools.cache
+def _example_output(root: str) -> Path:
+    """The built-in example (MobileNet-SSD: transpose, reshape, concat, priors, detection
+    output) converted once under ``root``."""
+    from caffe2metal.examples import build
+    from caffe2metal.pipeline import convert
+    d = Path(root)
+    proto, weights = build(d / "src")
+    convert(proto, weights, d / "out")
+    return d / "out"
+
+
+def plan_bases(root: str | os.PathLike) -> list[Path]:
+    return [_base_output(str(Path(root) / "tiny"))[2], _example_output(str(Path(root) / "ex"))]
+
+
+def hostile_plan(rnd: random.Random, root: str | os.PathLike) -> tuple:
+    """(manifest bytes, damaged files, base OUT, run's options): one hostile plan of one of
+    ``plan_bases`` for ``run_plan_manifest``."""
+    base = rnd.choice(plan_bases(root))
+    manifest, files = mutate_plan(rnd, json.loads((base / "manifest.json").read_text()))
+    argv = rnd.choice([(), (), ("--json",), ("--activations", "float16")])
+    return manifest, files, base, argv
 
 
 EXAMPLE_TARGETS = ("new", "nested", "existing", "file", "file_parent", "link_at_name",
@@ -936,7 +1203,7 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
         f"{', ...' if len(seeds) > 6 else ''})")
     rnd = random.Random(seed)
     stats = {"inputs": 0, "ok": 0, "error": 0, "failures": 0, "converts": 0, "manifests": 0,
-             "examples": 0}
+             "plans": 0, "examples": 0}
     distinct: dict[str, Path | None] = {}
     start = time.monotonic()
     last_log = start
@@ -953,7 +1220,17 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
                         (_base_output(str(Path(tmp) / "base"))[2] / "manifest.json").read_text()))
                     stats["manifests"] += 1
                     stats[run_manifest(manifest, Path(tmp) / "m", Path(tmp) / "base")] += 1
-                elif command < 0.27:               # example into a hostile target
+                elif command < 0.40:               # run on a hand-edited plan
+                    kind, proto, model = "plan", b"", b""
+                    stats["plans"] += 1
+                    manifest, files, base, argv = hostile_plan(rnd, Path(tmp) / "plans")
+                    try:
+                        stats[run_plan_manifest(manifest, files, Path(tmp) / "p", base,
+                                                argv)] += 1
+                    except Failure as f:
+                        raise Failure(f"{f}\n(base {base.parent.name}, options {argv}, "
+                                      f"damaged files {files})") from None
+                elif command < 0.42:               # example into a hostile target
                     kind, proto, model = "example", b"", b""
                     stats["examples"] += 1
                     stats[run_example(rnd, Path(tmp) / "e")] += 1
@@ -975,7 +1252,8 @@ def fuzz(seconds: float, seed: int = 0, crashes: str | os.PathLike | None = None
             if time.monotonic() - last_log > 30:
                 last_log = time.monotonic()
                 log(f"  {stats['inputs']} inputs ({stats['converts']} convert, "
-                    f"{stats['manifests']} verify+compare, {stats['examples']} example), "
+                    f"{stats['manifests']} verify+compare+run, {stats['plans']} run on hostile "
+                    f"plans, {stats['examples']} example), "
                     f"{stats['ok']} ok, {stats['error']} rejected, {stats['failures']} failures")
     stats["distinct"] = distinct
     stats["seconds"] = time.monotonic() - start
@@ -1009,7 +1287,8 @@ def main(argv=None) -> int:
     print(f"fuzzing inspect + convert for {args.seconds:g} s, seed {args.seed}")
     stats = fuzz(args.seconds, args.seed, args.crashes, args.models)
     print(f"{stats['inputs']} inputs in {stats['seconds']:.0f} s ({stats['converts']} convert, "
-          f"{stats['manifests']} verify+compare on hostile manifests, {stats['examples']} "
+          f"{stats['manifests']} verify+compare+run on hostile manifests, {stats['plans']} run "
+          f"on hostile plans, {stats['examples']} "
           f"example into hostile targets): {stats['ok']} ok, "
           f"{stats['error']} rejected with an error, {stats['failures']} failures "
           f"({len(stats['distinct'])} distinct)")

@@ -21,6 +21,7 @@ from ..errors import Caffe2MetalError
 from ..graph import Layer
 from ..layers import registry
 from . import ops
+from .checks import check_plan
 from .ops import PlanError
 
 ACTIVATIONS = ("float32", "float16")
@@ -36,7 +37,8 @@ class RunOutput:
 
 
 def load_plan(out: Path) -> dict:
-    """manifest.json of OUT, version 2 with a plan (one-line errors otherwise)."""
+    """manifest.json of OUT, version 2 with a plan that ``checks.check_plan`` finds
+    runnable as a whole (one-line errors otherwise, before anything is allocated)."""
     path = Path(out) / "manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -45,11 +47,14 @@ def load_plan(out: Path) -> dict:
                                "directory?", file=path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Caffe2MetalError(f"cannot read the manifest: {e}", file=path) from None
+    except RecursionError:
+        raise Caffe2MetalError("cannot read the manifest: nested too deeply", file=path) from None
     if not isinstance(manifest, dict) or manifest.get("version") != 2:
         raise Caffe2MetalError("not a version 2 caffe2metal manifest", file=path)
     if not isinstance(manifest.get("plan"), list):
         raise Caffe2MetalError("the manifest has no plan (converted with --no-metal?)",
                                file=path)
+    check_plan(manifest, Path(out), path)
     return manifest
 
 

@@ -75,14 +75,21 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
     plan = manifest.get("plan")
     if not isinstance(plan, list) or manifest.get("version") != 2:
         return []
-    dtype = (manifest.get("metal") or {}).get("weights_dtype", "float32")
-    tol = PLAN_TOLERANCE.get(dtype, PLAN_TOLERANCE["float32"])
+    metal = manifest.get("metal")
+    dtype = metal.get("weights_dtype") if isinstance(metal, dict) else None
+    tol = PLAN_TOLERANCE.get(dtype if isinstance(dtype, str) else "float32",
+                             PLAN_TOLERANCE["float32"])
     result, cut, failure = _run(out, manifest, feed)
-    names = manifest.get("blob_names") or {}
+    names = manifest.get("blob_names")
+    if not isinstance(names, dict):        # (a hostile manifest: the run names what is wrong)
+        names = {}
     last: dict[str, str] = {}               # file name -> the plan's last value of it
     for op in plan:
-        for t in op.get("tops", []) if isinstance(op, dict) else []:
-            last[names.get(t, t)] = t
+        tops = op.get("tops") if isinstance(op, dict) else None
+        for t in tops if isinstance(tops, list) else []:
+            if isinstance(t, str):
+                name = names.get(t, t)
+                last[name if isinstance(name, str) else t] = t
     producers = graph.producers()
     rows = []
 
@@ -108,10 +115,12 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
         if producer is not None and producer.type == "DetectionOutput":
             for x in producer.bottoms[:2]:
                 compare(graph.blob_names.get(x, x), producers[x].type, x)
-            background = ((manifest.get("ssd") or {}).get("detection_output") or {}).get(
-                "background_label_id", 0)
+            ssd = manifest.get("ssd")
+            det = ssd.get("detection_output") if isinstance(ssd, dict) else None
+            background = det.get("background_label_id", 0) if isinstance(det, dict) else 0
             rows.append(_detections(report, values[b], result, cut, failure, producer.name,
-                                    dtype, background))
+                                    dtype if isinstance(dtype, str) else "float32",
+                                    background))
         else:
             compare(name, producer.type if producer is not None else "?", b)
     return rows

@@ -33,7 +33,7 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-_RESULTS = ("Conversion", "DirectoryComparison", "Example", "Inspection", "Skipped",
+_RESULTS = ("Conversion", "DirectoryComparison", "Example", "Inspection", "Run", "Skipped",
             "Verification")
 
 __all__ = ["Caffe2MetalError", "ExportError", "GraphError", "ModelFormatError",

@@ -57,7 +57,8 @@ def decode_boxes(loc: np.ndarray, priors: np.ndarray, code_type: str = "CORNER",
 def _sizes(b: np.ndarray) -> np.ndarray:
     """BBoxSize (normalized): 0 for an inverted box."""
     w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
-    return np.where((w < 0) | (h < 0), np.float32(0), w * h).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):      # inf boxes: inf or nan, as in C
+        return np.where((w < 0) | (h < 0), np.float32(0), w * h).astype(np.float32)
 
 
 def jaccard(box: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -66,7 +67,8 @@ def jaccard(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     w = np.minimum(others[:, 2], box[2]) - np.maximum(others[:, 0], box[0])
     h = np.minimum(others[:, 3], box[3]) - np.maximum(others[:, 1], box[1])
     overlap = (w > 0) & (h > 0)
-    inter = np.where(overlap, w * h, np.float32(0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        inter = np.where(overlap, w * h, np.float32(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = inter / (_sizes(box[None])[0] + _sizes(others) - inter)
     return np.where(overlap, iou, np.float32(0)).astype(np.float32)

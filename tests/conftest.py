@@ -82,3 +82,15 @@ def caffemodel_bytes(layers) -> bytes:
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def example_outputs(tmp_path_factory):
+    """The built-in example, and OUT converted from it with float32 and with float16 weights:
+    (``api.Example``, {dtype: OUT})."""
+    from caffe2metal import api
+    d = tmp_path_factory.mktemp("ex")
+    ex = api.example(d)
+    outs = {dt: api.convert(ex.prototxt, ex.caffemodel, d / dt, dtype=dt).out
+            for dt in ("float32", "float16")}
+    return ex, outs

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 
-from caffe2metal import api
 from caffe2metal.cli import main
 from caffe2metal.runtime import default_feed, load_plan, run_plan
 from conftest import opencv_run
@@ -52,12 +51,8 @@ def same_detections(mine: list[dict], rows: np.ndarray, score_tol: float = 1e-3,
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ex")
-    ex = api.example(d)
-    outs = {dt: api.convert(ex.prototxt, ex.caffemodel, d / dt, dtype=dt).out
-            for dt in ("float32", "float16")}
-    return ex, outs
+def example(example_outputs):
+    return example_outputs
 
 
 def _opencv(ex, out):

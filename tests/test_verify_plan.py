@@ -24,12 +24,8 @@ layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool"
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ex")
-    ex = api.example(d)
-    outs = {dt: api.convert(ex.prototxt, ex.caffemodel, d / dt, dtype=dt).out
-            for dt in ("float32", "float16")}
-    return ex, outs
+def example(example_outputs):
+    return example_outputs
 
 
 def test_float32_plan_rows_match_opencv_and_detections_are_equal_sets(example):

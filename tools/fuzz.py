@@ -887,6 +887,14 @@ def _ops(m: dict) -> list:
     return [op for op in m["plan"] if isinstance(op, dict)]
 
 
+def _rewire(blobs: list, names: list, rnd: random.Random) -> None:
+    """One of ``blobs`` replaced by another of the plan's names (or one more added)."""
+    if blobs and rnd.random() < 0.7:
+        blobs[rnd.randrange(len(blobs))] = rnd.choice(names)
+    else:
+        blobs.append(rnd.choice(names))
+
+
 def _blob_names(m: dict) -> list[str]:
     names = [i.get("name") for i in m.get("inputs", []) if isinstance(i, dict)]
     names += [t for op in _ops(m) for t in op.get("tops", []) if isinstance(t, str)]
@@ -966,17 +974,9 @@ def _edit_order(rnd: random.Random, m: dict) -> None:
     elif k == 3:                                                 # an op gone
         del plan[i]
     elif k == 4 and isinstance(op.get("bottoms"), list):         # reads another blob
-        names = _blob_names(m)
-        if op["bottoms"] and rnd.random() < 0.7:
-            op["bottoms"][rnd.randrange(len(op["bottoms"]))] = rnd.choice(names)
-        else:
-            op["bottoms"].append(rnd.choice(names))
+        _rewire(op["bottoms"], _blob_names(m), rnd)
     elif k == 5 and isinstance(op.get("tops"), list):            # writes another blob
-        names = _blob_names(m)
-        if op["tops"] and rnd.random() < 0.7:
-            op["tops"][rnd.randrange(len(op["tops"]))] = rnd.choice(names)
-        else:
-            op["tops"].append(rnd.choice(names))
+        _rewire(op["tops"], _blob_names(m), rnd)
     elif k == 6:                                                 # bottoms and tops exchanged
         op["bottoms"], op["tops"] = op.get("tops"), op.get("bottoms")
     else:                                                        # not an op

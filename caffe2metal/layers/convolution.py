@@ -117,7 +117,7 @@ def _shape(layer: Layer, ins: list):
     c = x[axis]
     group = c if layer.type in GROUP_IS_CHANNELS else p.get("group", 1)
     num_output = check_group(p, c, group)
-    out = tuple((s + 2 * pd - (d * (k - 1) + 1)) // st + 1 for s, k, st, pd, d in
+    out = tuple(mps.conv_output_size(*a) for a in
                 zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
                     strict=True))
     params = [(num_output, c // group) + g["kernel"]]
@@ -210,14 +210,14 @@ def _export(layer: Layer, in_shape) -> dict:
 # ---------------------------------------------------------------- Caffe reference
 
 def correlate(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int,
-                kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
-                dilation: tuple[int, int]) -> np.ndarray:
+              kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+              dilation: tuple[int, int]) -> np.ndarray:
     """Caffe Convolution on x [C][H][W] with W [out][C/g][kH][kW] -> [out][H'][W']."""
     c, h, wd = x.shape
     out, cg, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
-    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    ho = mps.conv_output_size(h, kh, sh, ph, dh)
+    wo = mps.conv_output_size(wd, kw, sw, pw, dw)
     xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw))).reshape(group, cg, h + 2 * ph, wd + 2 * pw)
     wg = w.reshape(group, out // group, cg, kh, kw)
     y = np.zeros((group, out // group, ho, wo))

@@ -31,7 +31,7 @@ def _shape(layer: Layer, ins: list):
     g = conv_geometry(p, len(x) - axis - 1)
     c, group = x[axis], p.get("group", 1)
     num_output = check_group(p, c, group)        # the CHECKs of base_conv_layer.cpp
-    out = tuple(st * (s - 1) + d * (k - 1) + 1 - 2 * pd for s, k, st, pd, d in
+    out = tuple(mps.deconv_output_size(*a) for a in
                 zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
                     strict=True))
     params = [(c, num_output // group) + g["kernel"]]
@@ -76,8 +76,8 @@ def _export(layer: Layer, in_shape) -> dict:
 # ---------------------------------------------------------------- Caffe reference
 
 def scatter(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int,
-                  kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
-                  dilation: tuple[int, int]) -> np.ndarray:
+            kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+            dilation: tuple[int, int]) -> np.ndarray:
     """Caffe Deconvolution on x [C][H][W] with W [C][out/g][kH][kW]: scatter-add, then crop pad."""
     c, h, wd = x.shape
     _, og, kh, kw = w.shape

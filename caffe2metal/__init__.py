@@ -6,6 +6,7 @@ Python API (``caffe2metal.api``), one function per command::
     convert(prototxt, caffemodel=None, out=None, *, dtype="float32", naming="apple",
             metal=True, verify=False) -> Conversion
     verify(prototxt, caffemodel, out, *, image=None, seed=0) -> Verification
+    run(out, *, image=None, activations="float32") -> Run
     compare(dir_a, dir_b) -> DirectoryComparison
     example(directory) -> Example
 
@@ -38,7 +39,7 @@ _RESULTS = ("Conversion", "DirectoryComparison", "Example", "Inspection", "Run",
 
 __all__ = ["Caffe2MetalError", "ExportError", "GraphError", "ModelFormatError",
            "VerificationUnavailable", "compare",
-           "convert", "example", "inspect", "verify", *_RESULTS]
+           "convert", "example", "inspect", "run", "verify", *_RESULTS]
 
 
 def _api():
@@ -66,12 +67,21 @@ def convert(prototxt, caffemodel=None, out=None, *, dtype="float32", naming="app
 
 
 def verify(prototxt, caffemodel, out, *, image=None, seed=0, mean=None, scale=None,
-           channel_order=None, input_shapes=None):
+           channel_order=None, input_shapes=None, activations="float32"):
     """Recompute every Metal layer from ``out``'s files and compare it with the original
-    model in OpenCV, and the merged model end to end.  Returns a ``Verification``;
-    raises ``VerificationUnavailable`` when OpenCV cannot run the model."""
+    model in OpenCV, the merged model end to end, and the plan run from ``out`` (its
+    activations stored as ``activations``).  Returns a ``Verification``; raises
+    ``VerificationUnavailable`` when OpenCV cannot run the model."""
     return _api().verify(prototxt, caffemodel, out, image=image, seed=seed, mean=mean,
-                         scale=scale, channel_order=channel_order, input_shapes=input_shapes)
+                         scale=scale, channel_order=channel_order, input_shapes=input_shapes,
+                         activations=activations)
+
+
+def run(out, *, image=None, activations="float32"):
+    """Execute ``out``'s execution plan from ``out`` alone (manifest.json and metal/) on
+    ``image`` preprocessed as the manifest records, else verify's random input.
+    Returns a ``Run`` (net outputs by blob name, SSD detections)."""
+    return _api().run(out, image=image, activations=activations)
 
 
 def compare(dir_a, dir_b):

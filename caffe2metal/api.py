@@ -150,7 +150,8 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
 
 def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
            image: PathLike | None = None, seed: int = 0, mean=None, scale: float | None = None,
-           channel_order: str | None = None, input_shapes=None) -> Verification:
+           channel_order: str | None = None, input_shapes=None,
+           activations: str = "float32") -> Verification:
     """Recompute every Metal layer in OUT from its files and compare it with the
     original model in OpenCV, then the merged model's outputs with the original's.
 
@@ -160,12 +161,16 @@ def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
     (``mean``: one value or one per channel, in the model's channel order); with none
     of ``mean``, ``scale``, ``channel_order`` given, as OUT's manifest records it
     (``preprocessing``; nothing applied when it records nothing).  Default input: a
-    deterministic uniform [-1, 1) input drawn with ``seed`` (>= 0).  Raises
-    :class:`VerificationUnavailable` when the check cannot run although its input
-    is fine (OpenCV cannot load or run the model).
+    deterministic uniform [-1, 1) input drawn with ``seed`` (>= 0).
+    ``activations="float16"``: the plan run from OUT stores every MPS op's output as
+    float16 (as an app with float16 MPSImages does), held to the float16 tolerance.
+    Raises :class:`VerificationUnavailable` when the check cannot run although its
+    input is fine (OpenCV cannot load or run the model).
     """
     from .verification.inputs import check_seed, image_input
     check_seed(seed)
+    if activations not in ("float32", "float16"):
+        raise Caffe2MetalError(f"--activations {activations!r}: use float32 or float16")
     spec = image_input(image, mean=mean, scale=scale, channel_order=channel_order)
     if spec is not None and not _options_given(mean, scale, channel_order):
         from .verification.files import load_manifest
@@ -173,7 +178,7 @@ def verify(prototxt: PathLike, caffemodel: PathLike | None, out: PathLike, *,
         spec = manifest_image_input(spec.path, load_manifest(Path(out)),
                                     Path(out) / "manifest.json")
     return _verify(prototxt, caffemodel, out, image=spec, seed=seed,
-                   input_shapes=_input_shapes(input_shapes))
+                   input_shapes=_input_shapes(input_shapes), activations=activations)
 
 
 def _input_shapes(given) -> dict[str, tuple[int, ...]] | None:
@@ -229,14 +234,14 @@ def check_convert_options(prototxt: PathLike, *, image: PathLike | None = None, 
 
 
 def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
-            input_shapes=None) -> Verification:
+            input_shapes=None, activations: str = "float32") -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
     # (0.08 s more) at its first forward pass
     from .pipeline import default_weights
     from .verification import verify as run
     try:
         report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image,
-                     seed=seed, input_shapes=input_shapes)
+                     seed=seed, input_shapes=input_shapes, activations=activations)
     except (ImportError, MemoryError) as e:
         raise VerificationUnavailable(f"{type(e).__name__}: {e}") from None
     except Exception as e:          # noqa: BLE001  an OpenCV error no check turned into ours

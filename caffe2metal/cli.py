@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("caffemodel", nargs="?", help="default: the .caffemodel next to PROTOTXT")
     p.add_argument("out", help="the directory convert wrote")
     p.add_argument("--input-shape", action="append", metavar="SHAPE", help=_SHAPE_HELP)
+    p.add_argument("--activations", choices=("float32", "float16"), default="float32",
+                   help="the plan run stores every MPS op's output as float16 (held to the "
+                   "float16 tolerance)")
     _verify_input(p)
 
     p = sub.add_parser("compare", help="max difference of every weights/bias file two output "
@@ -173,7 +176,8 @@ def _verified(checked) -> int:
 def _verify(args) -> int:
     from . import api
     checked = api.verify(args.prototxt, args.caffemodel, args.out,
-                         input_shapes=args.input_shape, **_image_options(args))
+                         input_shapes=args.input_shape, activations=args.activations,
+                         **_image_options(args))
     _print(checked.render())
     if checked.ok and not checked.complete:
         _print(checked.verdict())

@@ -132,6 +132,26 @@ def test_verify_and_compare(built, tmp_path, capsys):
     assert (status, out) == (0, same.render() + "\n")
 
 
+def test_run_and_verify_with_float16_activations(built, tmp_path, capsys):
+    a = caffe2metal.convert(built.prototxt, built.caffemodel, tmp_path / "a")
+    ran = caffe2metal.run(a.out)
+    assert isinstance(ran, caffe2metal.Run) and ran.outputs
+    status, out = _cli(capsys, "run", a.out)
+    assert (status, out) == (0, ran.render() + "\n")
+    half = caffe2metal.run(a.out, activations="float16")
+    assert half.activations == "float16" and half.outputs.keys() == ran.outputs.keys()
+
+    check = caffe2metal.verify(built.prototxt, None, a.out, activations="float16")
+    assert check.ok and check.report.plan_activations == "float16"
+    values = [r for r in check.plan if r.counted]
+    assert values and all(r.tolerance == 0.1 and 1e-5 < r.rel < 0.1 for r in values)
+    assert "numpy MPS model, float16 activations" in check.render()
+    status, out = _cli(capsys, "verify", built.prototxt, a.out, "--activations", "float16")
+    assert (status, out) == (0, check.render() + "\n")
+    with pytest.raises(caffe2metal.Caffe2MetalError, match="--activations 'float64'"):
+        caffe2metal.verify(built.prototxt, None, a.out, activations="float64")
+
+
 # ---------------------------------------------------------------- errors
 
 def test_errors_are_caffe2metal_errors(tmp_path, built):
@@ -157,7 +177,7 @@ def test_errors_are_caffe2metal_errors(tmp_path, built):
 def test_api_functions_are_plain_functions_beside_their_subpackages():
     import inspect
     import types
-    for name in ("inspect", "convert", "verify", "compare", "example"):
+    for name in ("inspect", "convert", "verify", "run", "compare", "example"):
         assert isinstance(getattr(caffe2metal, name), types.FunctionType), name
     assert list(inspect.signature(caffe2metal.convert).parameters)[:3] == \
         ["prototxt", "caffemodel", "out"]

@@ -54,6 +54,14 @@ NETS = {
     "clip": INPUT + conv("c1", "data", 4) + fork("cl", "Clip", ["c1"],
                                                  "clip_param { min: 0.1 max: 0.5 }")
     + conv("c2", "cl", 5),
+    # Crop: OpenCV's own layer is the reference of the plan run's numpy forward; Tile: OpenCV
+    # 4.14's is ONNX's (cannot read tile_param): ours runs in it (see test_tile below)
+    "crop": INPUT + conv("c1", "data", 4) + conv("c2", "c1", 4, k=3, pad=0)
+    + fork("cr", "Crop", ["c1", "c2"], "crop_param { axis: 2 offset: 2 offset: 1 }")
+    + conv("c3", "cr", 5),
+    "tile": INPUT + conv("c1", "data", 4) + fork("ti", "Tile", ["c1"],
+                                                 "tile_param { axis: 2 tiles: 3 }")
+    + conv("c2", "ti", 5),
 }
 
 
@@ -77,6 +85,8 @@ def test_fork_layer_nets_verify_every_metal_layer(tmp_path, name):
     assert all(s[0].startswith("plan: ") and "run cannot execute op" in s[1]
                for s in report.skipped)
     assert all(r.ok if r.counted else r.note.startswith("skipped: ") for r in report.plan)
+    if name in ("crop", "tile"):        # run executes them: every plan row is checked
+        assert not report.skipped and report.plan and all(r.counted for r in report.plan)
 
 
 def test_opencv_types_are_found_by_trying():
@@ -125,6 +135,73 @@ def test_upsample_with_mask_unpools(tmp_path):
         for i, m in enumerate(mask[0, c].ravel().astype(int)):
             want[0, c, m] = x[0, c].ravel()[i]
     np.testing.assert_allclose(y, want.reshape(1, 2, 4, 4), **TOL)
+
+
+def _argmax_loops(x, top_k, out_max_val, axis):
+    """argmax_layer.cpp Forward_cpu written out: (value, index) pairs sorted with
+    std::greater (Python's tuple order reversed: a tie goes to the larger index)."""
+    if axis is None:
+        flat = x.reshape(x.shape[0], -1)
+        y = np.zeros((x.shape[0], 2 if out_max_val else 1, top_k), np.float32)
+        for n in range(x.shape[0]):
+            best = sorted(((v, j) for j, v in enumerate(flat[n])), reverse=True)[:top_k]
+            y[n, 0] = [j for _, j in best]
+            if out_max_val:
+                y[n, 1] = [v for v, _ in best]
+        return y
+    shape = list(x.shape)
+    shape[axis] = top_k
+    y = np.zeros(shape, np.float32)
+    for pos in np.ndindex(*[d for i, d in enumerate(x.shape) if i != axis]):
+        at = list(pos)
+        line = [x[tuple(at[:axis] + [j] + at[axis:])] for j in range(x.shape[axis])]
+        best = sorted(((v, j) for j, v in enumerate(line)), reverse=True)[:top_k]
+        for k, (v, j) in enumerate(best):
+            y[tuple(at[:axis] + [k] + at[axis:])] = v if out_max_val else j
+    return y
+
+
+@pytest.mark.parametrize("params", ["", "top_k: 3", "top_k: 4 out_max_val: true", "axis: 1",
+                                    "axis: 1 top_k: 2 out_max_val: true", "axis: 3 top_k: 2",
+                                    "axis: -2 out_max_val: true"])
+def test_argmax_as_caffe_computes_it(tmp_path, params):
+    """OpenCV has no ArgMax: the reference is Caffe's loop, with ties (rounded values)."""
+    x = np.round(RNG.standard_normal((2, 5, 3, 4)), 1).astype(np.float32)
+    layer = _layer(tmp_path, "ArgMax", f"argmax_param {{ {params} }}", shape=x.shape)
+    p = layer.params.get("argmax_param", {})
+    axis = None if "axis" in p else None
+    if "axis" in p:
+        axis = p["axis"] % 4
+    y = registry.forward("ArgMax")(layer, [x])[0]
+    want = _argmax_loops(x, p.get("top_k", 1), p.get("out_max_val", False), axis)
+    np.testing.assert_array_equal(y, want)
+    shape = registry.get("ArgMax").shape(layer, [x.shape])[0][0]
+    assert tuple(y.shape) == tuple(shape)
+
+
+def test_tile_as_caffe_computes_it(tmp_path):
+    x = RNG.standard_normal((2, 3, 2, 4)).astype(np.float32)
+    for axis, tiles in ((1, 2), (2, 3), (0, 2), (3, 1)):
+        layer = _layer(tmp_path, "Tile", f"tile_param {{ axis: {axis} tiles: {tiles} }}",
+                       shape=x.shape)
+        y = registry.forward("Tile")(layer, [x])[0]
+        # tile_layer.cpp: for each of the outer positions, the inner block copied `tiles` times
+        outer, inner = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))
+        blocks = x.reshape(outer, inner)
+        want = np.concatenate([blocks] * tiles, axis=1)
+        shape = list(x.shape)
+        shape[axis] *= tiles
+        np.testing.assert_array_equal(y, want.reshape(shape))
+
+
+def test_argmax_and_tile_refuse_what_caffe_refuses(tmp_path):
+    from caffe2metal.errors import Caffe2MetalError
+    text = (INPUT + fork("am", "ArgMax", ["data"], "argmax_param { axis: 1 top_k: 4 }"))
+    with pytest.raises(Caffe2MetalError, match=r"argmax_param.top_k: 4 is not in 1..3"):
+        read_prototxt(write_net(tmp_path, text))
+    text = INPUT + fork("ti", "Tile", ["data"], "tile_param { axis: 1 }")
+    with pytest.raises(Caffe2MetalError, match=r"tile_param.tiles: None must be set"):
+        read_prototxt(write_net(tmp_path, text))
 
 
 def _bilinear_aligned(src, oh, ow):

@@ -31,9 +31,10 @@ NOT_RUNNABLE = {
     # bottom0*bottom1 + bottom2): an OpenCV reference is wrong here; verify runs Axpy in
     # numpy and checks this net's plan (test_verify's arcface case)
     "arcface_lresnet_se": "the OpenCV reference's Axpy is wrong (see verification.fork_layers)",
-    # the priors are not SSD's PriorBox (FaceBoxes densifies anchors): no priors.dat,
-    # so PriorBox ops are `unavailable` (metal.skipped says why)
-    "faceboxes": "op 'inception_a3_concat_mbox_priorbox': app.op 'unavailable' (no priors.dat)",
+    # the priors are not SSD's PriorBox (FaceBoxes densifies anchors): no priors.dat;
+    # the PriorBox ops compute Caffe's PriorBox, DetectionOutput is `unavailable`
+    # (metal.skipped says why)
+    "faceboxes": "op 'detection_out': app.op 'unavailable' (the heads do not match the priors)",
 }
 # Cheap enough (under ~2 s) for `make test-fast`.
 FAST = {"mobilenet_ssd"}
@@ -100,5 +101,6 @@ def test_not_runnable_models_fail_on_the_op_named(tmp_path):
         pytest.skip("../shared/models/faceboxes is absent")
     model, weights = _prepare(path, tmp_path)
     out = convert(model.prototxt, weights, tmp_path / "out").out
-    with pytest.raises(PlanError, match=r"op 'inception_a3_concat_mbox_priorbox': app.reason"):
+    with pytest.raises(PlanError, match=r"op 'detection_out': app.reason: DetectionOutput "
+                       r"without SSD priors"):
         run_plan(out)

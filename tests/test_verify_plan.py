@@ -58,7 +58,7 @@ def test_float16_plan_rows_use_the_measured_tolerance(example):
     assert 1e-3 < heads["mbox_loc"].rel <= 3e-2             # measured 1.6e-2
     assert 1e-2 < heads["mbox_conf_flatten"].rel <= 1e-1     # measured 7.1e-2
     det = check.plan[2]
-    assert det.informational and not det.counted and "float16 weights" in det.note
+    assert det.informational and not det.counted and "float16: shown for information" in det.note
     assert "info  " in check.render()
 
 

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import math
 
-from .priorbox import MAX_PRIORS, priors_per_cell
+import numpy as np
+
+from .priorbox import MAX_PRIORS, prior_boxes, priors_per_cell
 from .registry import need, register_plan, shape_rule
 from .structure import Refused
 
 
-@shape_rule("PriorBox")
+def _priorbox_forward(layer, xs: list) -> list:
+    """Caffe SSD's PriorBox top [1][2][H*W*P*4] from the feature map's and the image's
+    sizes (``priorbox.prior_boxes``; the values of the bottoms are not read)."""
+    feat, image = (np.shape(x) for x in xs[:2])
+    return [prior_boxes(feat[2:4], image[2:4], **layer.params.get("prior_box_param", {}))[None]]
+
+
+@shape_rule("PriorBox", forward=_priorbox_forward)
 def _priorbox(layer, ins):
     feat = need(ins, 1)[0]
     per_cell = priors_per_cell(**layer.params.get("prior_box_param", {}))
@@ -58,9 +67,10 @@ def _detection_output(layer, ins):
 
 
 def _plan(layer, ctx) -> dict:
-    """PriorBox is a constant (its columns of ``priors.dat``); Normalize and
-    DetectionOutput are app code with Caffe's semantics (``_normalize_plan``,
-    ``layers.detection``)."""
+    """PriorBox is a constant (its columns of ``priors.dat``), or, where the net's priors
+    are not SSD's (no priors.dat: FaceBoxes), Caffe's PriorBox computed from the sizes;
+    Normalize and DetectionOutput are app code with Caffe's semantics
+    (``_normalize_plan``, ``layers.detection``)."""
     if layer.type == "PriorBox":
         ssd = ctx.ssd or {}
         start = 0
@@ -73,8 +83,11 @@ def _plan(layer, ctx) -> dict:
                                         "[1][2][count] is columns start..start+count of "
                                         "both rows"}}
             start += count
-        return {"app": {"op": "unavailable", "reason": "no priors.dat columns (see "
-                        "metal.skipped)"}}
+        return {"app": {"op": "prior_box", "caffe_type": "PriorBox", "params": layer.params,
+                        "note": "no priors.dat (see metal.skipped): Caffe SSD's PriorBox "
+                                "(prior_box_layer.cpp) computed from the feature map's and "
+                                "the image's heights and widths alone; a constant for a "
+                                "fixed input size"}}
     if layer.type == "Normalize":
         return _normalize_plan(layer, ctx)
     det = (ctx.ssd or {}).get("detection_output")

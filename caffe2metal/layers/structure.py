@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
+
 from ..mps.geometry import channel_map, concat_offsets
 from .activations import same_shape
 from .registry import axis_index, need, register, register_plan, shape_rule
@@ -119,7 +121,57 @@ def _permute(layer, ins):
     return [tuple(x[a] for a in order)], []
 
 
-@shape_rule("Crop")
+def _crop_offsets(p: dict, ndim: int) -> tuple[int, list[int]]:
+    """crop_layer.cpp: from ``axis`` on, one offset for every axis, one per axis, or 0."""
+    axis = axis_index(p.get("axis", 2), ndim)
+    given = p.get("offset", [])
+    given = list(given) if isinstance(given, (list, tuple)) else [given]
+    return axis, [int(given[0]) if len(given) == 1 else int(given[i - axis]) if given else 0
+                  for i in range(axis, ndim)]
+
+
+def _crop_forward(layer, xs: list) -> list:
+    """crop_layer.cpp Forward: bottom 0 cut to bottom 1's size on every axis from ``axis``,
+    starting at that axis' offset."""
+    x, size = np.asarray(xs[0]), np.shape(xs[1])
+    axis, offsets = _crop_offsets(layer.params.get("crop_param", {}), x.ndim)
+    cut = tuple(slice(None) if i < axis else slice(offsets[i - axis], offsets[i - axis] + size[i])
+                for i in range(x.ndim))
+    return [np.ascontiguousarray(x[cut])]
+
+
+def _argmax_forward(layer, xs: list) -> list:
+    """argmax_layer.cpp Forward_cpu: per position, the ``top_k`` (value, index) pairs sorted by
+    ``std::greater`` (the larger value first, a tie to the larger index); the top holds the
+    indices, or with ``out_max_val`` the values (with ``axis``) or the indices then the values
+    (without: over C*H*W of each item, top [N][2][top_k])."""
+    x = np.asarray(xs[0], np.float32)
+    p = layer.params.get("argmax_param", {})
+    top_k, with_values = int(p.get("top_k", 1)), bool(p.get("out_max_val", False))
+    axis = axis_index(p["axis"], x.ndim) if "axis" in p else None
+    v = x.reshape(x.shape[0], -1) if axis is None else np.moveaxis(x, axis, -1)
+    if not 1 <= top_k <= v.shape[-1]:
+        raise ValueError(f"argmax_param.top_k {top_k} is not in 1..{v.shape[-1]}")
+    index = np.broadcast_to(np.arange(v.shape[-1]), v.shape)
+    order = np.lexsort((-index, -v), axis=-1)[..., :top_k]
+    values = np.take_along_axis(v, order, -1)
+    if axis is None:
+        rows = [order, values] if with_values else [order]
+        return [np.stack(rows, axis=1).astype(np.float32)]
+    return [np.ascontiguousarray(np.moveaxis(values if with_values else order, -1, axis),
+                                 np.float32)]
+
+
+def _tile_forward(layer, xs: list) -> list:
+    """tile_layer.cpp Forward_cpu: each block from ``axis`` on copied ``tiles`` times."""
+    x = np.asarray(xs[0])
+    p = layer.params.get("tile_param", {})
+    reps = [1] * x.ndim
+    reps[axis_index(p.get("axis", 1), x.ndim)] = int(p["tiles"])
+    return [np.tile(x, reps)]
+
+
+@shape_rule("Crop", forward=_crop_forward)
 def _crop(layer, ins):
     """Caffe's crop_layer.cpp: LayerSetUp ``CHECK_EQ(bottom.size(), 2)``, ``CHECK_EQ(start_axis
     + param.offset_size(), input_dim)`` when more than one offset is given; Reshape
@@ -130,37 +182,42 @@ def _crop(layer, ins):
     a, b = need(ins)[:2]
     p = layer.params.get("crop_param", {})
     axis = axis_index(p.get("axis", 2), len(a))
-    offsets = p.get("offset", [])
-    offsets = list(offsets) if isinstance(offsets, (list, tuple)) else [offsets]
-    if len(offsets) > 1 and axis + len(offsets) != len(a):
-        raise Refused("crop_param.offset", f"{len(offsets)} offsets for the {len(a) - axis} "
+    given = p.get("offset", [])
+    given = list(given) if isinstance(given, (list, tuple)) else [given]
+    if len(given) > 1 and axis + len(given) != len(a):
+        raise Refused("crop_param.offset", f"{len(given)} offsets for the {len(a) - axis} "
                       f"axes from axis {axis} (give one, or one per axis)")
     if len(b) < len(a):
         raise Refused("bottom", f"the size bottom has {len(b)} axes, the data {len(a)}")
-    for i in range(axis, len(a)):
-        off = offsets[0] if len(offsets) == 1 else offsets[i - axis] if offsets else 0
+    for i, off in zip(range(axis, len(a)), _crop_offsets(p, len(a))[1], strict=True):
         if off < 0 or a[i] - off < b[i]:
             raise Refused("crop_param.offset", f"the crop of axis {i} (size {b[i]} at offset "
                           f"{off}) is outside the input's {a[i]}")
     return [a[:axis] + b[axis:len(a)]], []
 
 
-@shape_rule("ArgMax")
+@shape_rule("ArgMax", forward=_argmax_forward)
 def _argmax(layer, ins):
     (x,) = need(ins, 1)[:1]
     p = layer.params.get("argmax_param", {})
     top_k = p.get("top_k", 1)
+    count = x[axis_index(p["axis"], len(x))] if "axis" in p else math.prod(x[1:])
+    if not 1 <= top_k <= count:     # LayerSetUp: CHECK_GE(top_k_, 1), CHECK_LE(top_k_, count)
+        raise Refused("argmax_param.top_k", f"{top_k} is not in 1..{count}")
     if "axis" in p:
         axis = axis_index(p["axis"], len(x))
         return [x[:axis] + (top_k,) + x[axis + 1:]], []
     return [(x[0], 2 if p.get("out_max_val", False) else 1, top_k)], []
 
 
-@shape_rule("Tile")
+@shape_rule("Tile", forward=_tile_forward)
 def _tile(layer, ins):
+    """tile_layer.cpp Reshape: ``CHECK(tile_param.has_tiles())``, ``CHECK_GT(tiles, 0)``."""
     (x,) = need(ins, 1)[:1]
     p = layer.params.get("tile_param", {})
     axis = axis_index(p.get("axis", 1), len(x))
+    if not isinstance(p.get("tiles"), int) or p["tiles"] <= 0:
+        raise Refused("tile_param.tiles", f"{p.get('tiles')} must be set and positive")
     return [x[:axis] + (x[axis] * p["tiles"],) + x[axis + 1:]], []
 
 
@@ -233,12 +290,15 @@ def _structure_plan(layer, ctx) -> dict:
                         "starts": list(itertools.accumulate([0] + sizes[:-1])),
                         "sizes": sizes}}
     if t == "Crop":
-        q = p.get("crop_param", {})
-        offsets = q.get("offset", [])
-        return {"app": {"op": "crop", "axis": axis_index(q.get("axis", 2), 4),
-                        "offset": list(offsets) if isinstance(offsets, (list, tuple))
-                        else [offsets]}}
-    return {"app": {"op": t.lower(), "note": f"Caffe's {t}"}}
+        axis, offsets = _crop_offsets(p.get("crop_param", {}), len(ctx.shape(layer.bottoms[0])))
+        return {"app": {"op": "crop", "axis": axis, "offset": offsets, "caffe_type": t,
+                        "params": p, "note": "bottom 0 cut to bottom 1's size on every axis "
+                        "from `axis`, starting at that axis' `offset`"}}
+    notes = {"ArgMax": "per position the top_k largest (value, index) pairs, a tie to the "
+                       "larger index; indices, or values (see argmax_layer.cpp)",
+             "Tile": "the block from tile_param.axis on, copied tiles times"}
+    return {"app": {"op": t.lower(), "caffe_type": t, "params": p,
+                    "note": notes.get(t, f"Caffe's {t}")}}
 
 
 register_plan("Input", "Silence", "Eltwise", "Concat", "Slice", "Flatten", "Reshape",

@@ -93,7 +93,7 @@ from .files import _entries, load_manifest, manifest_layer, read_array
 from .inputs import make_inputs
 from .layers import _SHA_NOTE, _check_layer, _check_priors, _downstream, recompute
 from .opencv import _forward, _opencv, caffemodel_bytes, opencv_net, opencv_text
-from .plan_run import PLAN_TOLERANCE, detection_inputs, plan_rows
+from .plan_run import PLAN_TOLERANCE, detection_inputs, plan_rows, softmax_inputs
 from .reference import caffe_reference
 from .report import END_TO_END_TOLERANCE, TOLERANCE, Report, Row, _measure, render
 
@@ -106,7 +106,7 @@ __all__ = ["END_TO_END_TOLERANCE", "PLAN_TOLERANCE", "TOLERANCE", "Comparison",
 
 def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str | os.PathLike,
            *, image: str | os.PathLike | None = None, seed: int = 0,
-           input_shapes: InputShapes | None = None) -> Report:
+           input_shapes: InputShapes | None = None, activations: str = "float32") -> Report:
     out = Path(out)
     manifest = load_manifest(out)
     model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
@@ -145,6 +145,7 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     gone = forks.unavailable
     needed.update(_outputs(graph, drop, forks))
     needed.update(detection_inputs(graph, drop))          # the plan run's rows for SSD
+    needed.update(softmax_inputs(graph, _outputs(graph, drop, forks)))   # and a classifier's
     needed -= set(gone)
     with fork_layers.registered(forks):
         net = _opencv(opencv_text(model, drop, rename=forks.rename, cut=forks.cut),
@@ -185,7 +186,8 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     outputs = {graph.blob_names.get(b, b): b for b in _outputs(graph, drop, forks)
                if b in values}
     report.plan = plan_rows(report, manifest, out, feed, graph, model.shapes.blobs, outputs,
-                            values)
+                            values, activations)
+    report.plan_activations = activations
     _after_defects(report.plan, graph, defects)
     tainted = _downstream(graph, defects)
     for row in report.outputs:

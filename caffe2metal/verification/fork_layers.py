@@ -56,8 +56,15 @@ def _axpy_wrong(layer: Layer) -> str | None:
             "bottom0 * bottom1 + bottom2")
 
 
+def _tile_wrong(layer: Layer) -> str | None:
+    # measured, OpenCV 4.14: its Tile is ONNX's; from a Caffe model it fails with
+    # "Tile: repeats needs to be treated as parameter but it is missing" (tile_layer.cpp:31)
+    return "OpenCV's Tile is ONNX's Tile and does not read Caffe's tile_param"
+
+
 OPENCV_WRONG: dict[str, Callable[[Layer], str | None]] = {"Interp": _interp_wrong,
-                                                          "Axpy": _axpy_wrong}
+                                                          "Axpy": _axpy_wrong,
+                                                          "Tile": _tile_wrong}
 """Types OpenCV has but computes against the fork's definition for some parameters:
 layer -> why (then verify runs the numpy forward instead), or None."""
 

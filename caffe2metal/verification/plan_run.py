@@ -3,7 +3,8 @@
 ``caffe2metal.runtime`` executes the manifest's plan in numpy with MPS semantics
 from ``manifest.json`` and ``metal/`` only (never the prototxt or the caffemodel),
 on the input verify fed the original.  One row per net output (rel = max |diff| /
-max |ref|, as every row); for an SSD net the outputs of DetectionOutput are its
+max |ref|, as every row), and for an output a Softmax computes one for its input too
+(a saturated softmax hides what comes before it); for an SSD net the outputs of DetectionOutput are its
 inputs (``loc``, ``conf``: the rows hold the values) plus one row ``detections``
 comparing the two detection lists as sets (as an app reads them; their order in
 the 1x1xNx7 blob is no contract; OpenCV's zero rows of the background label, its
@@ -65,21 +66,38 @@ def detection_inputs(graph: Graph, drop: Collection[str] = ()) -> list[str]:
             and layer.type not in drop for b in layer.bottoms[:2]]
 
 
+def softmax_inputs(graph: Graph, outputs: Collection[str]) -> list[str]:
+    """The input of each net output a Softmax computes, where that input is the last value
+    of its blob name: a classifier's logits.  A saturated softmax (one class near 1) hides
+    any difference before it, so the plan rows compare the logits too."""
+    producers = graph.producers()
+    last = {graph.blob_names.get(b, b): b for b in producers}     # file name -> last value
+    found = []
+    for b in outputs:
+        layer = producers.get(b)
+        if layer is not None and layer.type == "Softmax":
+            x = layer.bottoms[0]
+            if last.get(graph.blob_names.get(x, x)) == x and x in producers:
+                found.append(x)
+    return found
+
+
 def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndarray],
               graph: Graph, shapes: dict, outputs: dict[str, str],
-              values: dict[str, np.ndarray]) -> list[Row]:
+              values: dict[str, np.ndarray], activations: str = "float32") -> list[Row]:
     """The rows of the section (empty when OUT has no plan: ``--no-metal``, version 1).
 
     ``outputs``: the net outputs verify compared end to end (file name -> unique blob of
-    ``graph``), ``values``: the original's values in OpenCV by unique blob."""
+    ``graph``), ``values``: the original's values in OpenCV by unique blob;
+    ``activations``: "float16" runs the plan storing every MPS op's output as float16."""
     plan = manifest.get("plan")
     if not isinstance(plan, list) or manifest.get("version") != 2:
         return []
     metal = manifest.get("metal")
     dtype = metal.get("weights_dtype") if isinstance(metal, dict) else None
-    tol = PLAN_TOLERANCE.get(dtype if isinstance(dtype, str) else "float32",
-                             PLAN_TOLERANCE["float32"])
-    result, cut, failure = _run(out, manifest, feed)
+    precision = "float16" if "float16" in (dtype, activations) else "float32"
+    tol = PLAN_TOLERANCE[precision]
+    result, cut, failure = _run(out, manifest, feed, activations)
     names = manifest.get("blob_names")
     if not isinstance(names, dict):        # (a hostile manifest: the run names what is wrong)
         names = {}
@@ -119,10 +137,12 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
             det = ssd.get("detection_output") if isinstance(ssd, dict) else None
             background = det.get("background_label_id", 0) if isinstance(det, dict) else 0
             rows.append(_detections(report, values[b], result, cut, failure, producer.name,
-                                    dtype if isinstance(dtype, str) else "float32",
-                                    background))
+                                    precision, background))
         else:
             compare(name, producer.type if producer is not None else "?", b)
+            for x in softmax_inputs(graph, [b]):
+                if x in values:
+                    compare(graph.blob_names.get(x, x), producers[x].type, x)
     return rows
 
 
@@ -168,7 +188,7 @@ def _detections(report: Report, ref_rows: np.ndarray, result, cut: dict, failure
                     f"{SCORE_TOLERANCE:g}, IoU >= {MIN_IOU:g}){iou}{tied}")
     if dtype == "float16":
         row.counted, row.informational = False, True
-        row.note += ("; float16 weights: shown for information (near-tied scores reorder), "
+        row.note += ("; float16: shown for information (near-tied scores reorder), "
                      "the rows above hold the values")
     return row
 
@@ -226,7 +246,7 @@ def _match(mine: list[dict], theirs: list) -> tuple[int, float, float]:
     return matched, worst_score, worst_iou
 
 
-def _run(out: Path, manifest: dict, feed: dict[str, np.ndarray]):
+def _run(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: str = "float32"):
     """(RunOutput or None, {blob or op name cut -> why}, why nothing ran or None).
 
     An op the runtime refuses is cut with everything downstream, and the rest run
@@ -240,7 +260,7 @@ def _run(out: Path, manifest: dict, feed: dict[str, np.ndarray]):
         for _ in range(len(plan) + 1):
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    return run_plan(where, feed), cut, None
+                    return run_plan(where, feed, activations), cut, None
             except PlanError as e:
                 failed = next((op for op in plan if isinstance(op, dict)
                                and str(e).startswith(f"op {op.get('name')!r}: ")), None)
@@ -282,4 +302,5 @@ def _copy(out: Path, manifest: dict, plan: list, tmp: Path) -> Path:
     return tmp
 
 
-__all__ = ["MIN_IOU", "PLAN_TOLERANCE", "SCORE_TOLERANCE", "detection_inputs", "plan_rows"]
+__all__ = ["MIN_IOU", "PLAN_TOLERANCE", "SCORE_TOLERANCE", "detection_inputs", "plan_rows",
+           "softmax_inputs"]

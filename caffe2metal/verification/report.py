@@ -46,6 +46,7 @@ class Report:
     outputs: list[Row] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (check, why it could not run)
     plan: list[Row] = field(default_factory=list)   # the plan run from OUT (plan_run)
+    plan_activations: str = "float32"                # how the plan run stored activations
 
     @property
     def rows(self) -> list[Row]:
@@ -121,8 +122,9 @@ def render(report: Report) -> str:
     lines += ["end to end: original vs merged Caffe model (OpenCV, fusion off)"]
     lines += table("outputs", report.outputs) + [""]
     if report.plan:
-        lines += ["end to end: the plan run from OUT (numpy MPS model) vs the original model "
-                  "in OpenCV"] + table("outputs", report.plan) + [""]
+        f16 = (", float16 activations" if report.plan_activations == "float16" else "")
+        lines += [f"end to end: the plan run from OUT (numpy MPS model{f16}) vs the original "
+                  "model in OpenCV"] + table("outputs", report.plan) + [""]
     tols = sorted({r.tolerance for r in report.rows if r.counted
                    and not math.isnan(r.tolerance)})
     counted = [r for r in report.rows if r.counted and not math.isnan(r.rel)]

@@ -5,8 +5,8 @@ from ``manifest.json`` and ``metal/`` only (never the prototxt or the caffemodel
 on the input verify fed the original.  One row per net output (rel = max |diff| /
 max |ref|, as every row), and for an output a Softmax computes one for its input too
 (a saturated softmax hides what comes before it); for an SSD net the outputs of
-DetectionOutput are its inputs (``loc``, ``conf``: the rows hold the values) plus one row ``detections``
-comparing the two detection lists as sets (as an app reads them; their order in
+DetectionOutput are its inputs (``loc``, ``conf``: the rows hold the values) plus one
+row ``detections`` comparing the two detection lists as sets (as an app reads them; their order in
 the 1x1xNx7 blob is no contract; OpenCV's zero rows of the background label, its
 padding up to keep_top_k, are none): every detection matches one of the other with
 the same label, score within 1e-3 and IoU >= 0.99, and the counts agree (a box with

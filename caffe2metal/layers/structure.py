@@ -156,8 +156,10 @@ def _argmax_forward(layer, xs: list) -> list:
     order = np.lexsort((-index, -v), axis=-1)[..., :top_k]
     values = np.take_along_axis(v, order, -1)
     if axis is None:
-        rows = [order, values] if with_values else [order]
-        return [np.stack(rows, axis=1).astype(np.float32)]
+        rows: list[np.ndarray] = [order.astype(np.float32)]
+        if with_values:
+            rows.append(values.astype(np.float32))
+        return [np.stack(rows, axis=1)]
     return [np.ascontiguousarray(np.moveaxis(values if with_values else order, -1, axis),
                                  np.float32)]
 

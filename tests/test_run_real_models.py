@@ -2,8 +2,12 @@
 against OpenCV's forward of the original model with the same synthetic weights
 (test_real_models' ``_prepare``) and verify's input: max|diff| / max|ref| <= 1e-4 on
 every net output; for SSD on DetectionOutput's inputs, and its detections compared as
-sets (test_run's ``same_detections``).  A classifier's last Softmax input is compared
-too (the calibrated weights can make the softmax itself nearly one-hot).
+sets (test_run's ``same_detections``).  The input of a Softmax/Sigmoid computing a
+compared blob (a classifier's logits, SSD's conf before its squashing) is compared too,
+and the squashed blob is held to 1e-4 plus what the logits' measured difference can become
+through the layer (slope <= 1/2 for softmax, 1/4 for the logistic: the mean value
+theorem), as verify's plan rows do: the calibrated weights can make a softmax one-hot
+(hiding everything), and logits in the hundreds make float32 rounding visible after it.
 """
 from __future__ import annotations
 
@@ -17,12 +21,11 @@ from test_real_models import RUNNABLE, _compared_outputs, _prepare, _runnable_co
 from test_run import same_detections
 
 TOL = 1e-4
-# Measured above TOL, NOT explained yet: mobilenetv2_ssd's softmaxed mbox_conf_flatten is
-# 1.05e-4 (mbox_loc 1.6e-6); the pre-softmax heads drift more the deeper they are (the 1x1
-# head most), as float32 accumulation order would, or as OpenCV's depthwise quirk on tiny
-# maps (test_real_models' INPUT_SIZE) would.  Bounded at test_real_models' own 2e-4 until
-# someone finds which side it is.
-TOL_EXCEPTION = {"mobilenetv2_ssd": 2e-4}
+# mobilenetv2_ssd's sigmoid scores (mbox_conf_flatten) differ by 1.05e-4 of max while its
+# logits differ by 1.4e-6 of their max (1137): 0.25 x 1.6e-3 = 4e-4 allowed.  Measured
+# (tools/precision-style perturbation): a random one-ulp relative change of every weight
+# moves those scores by 2.3e-4, its logits by 6e-6: float32 rounding, not the plan.
+SLOPE = {"Softmax": 0.5, "Sigmoid": 0.25}
 
 # OpenCV runs these, `run` does not: the plan has an op the numpy runtime cannot execute
 # from OUT, named here with the exact reason (checked: the run fails on that op).
@@ -46,12 +49,18 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a).reshape(b.shape) - b).max() / np.abs(b).max())
 
 
+def _squashing(graph, blob):
+    """The Softmax/Sigmoid computing ``blob`` through Flatten/Reshape, or None."""
+    layer = graph.producers().get(blob)
+    while layer is not None and layer.type in ("Flatten", "Reshape"):
+        layer = graph.producers().get(layer.bottoms[0])
+    return layer if layer is not None and layer.type in SLOPE else None
+
+
 def _blobs(graph) -> list[str]:
     blobs = _compared_outputs(graph)
-    producers = graph.producers()
-    extra = [producers[b].bottoms[0] for b in blobs
-             if producers[b].type == "Softmax" and producers[b].bottoms[0] not in blobs]
-    return blobs + extra
+    extra = [s.bottoms[0] for b in blobs if (s := _squashing(graph, b)) is not None]
+    return blobs + [x for x in extra if x not in blobs]
 
 
 @pytest.mark.parametrize("path", mark_slow(RUN, {model_id(p) for p in RUN} - FAST,
@@ -75,9 +84,16 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
     # the value of a file blob name is the last op's that wrote it
     file_name = manifest.get("blob_names") or {}
     last = {file_name.get(t, t): t for op in manifest["plan"] for t in op["tops"]}
-    for b, theirs in zip(blobs, ref, strict=False):
-        rel = _rel(result.values[last[names[b]]], theirs)
-        assert rel <= TOL_EXCEPTION.get(name, TOL), f"{name}: {names[b]}: rel {rel:.3g}"
+    refs = dict(zip(blobs, ref, strict=False))
+    mine = {b: np.asarray(result.values[last[names[b]]]).reshape(refs[b].shape) for b in blobs}
+    for b in blobs:
+        allowed = TOL
+        squash = _squashing(graph, b)
+        if squash is not None:      # 1e-4 plus the logits' difference through the layer
+            x = squash.bottoms[0]
+            allowed += SLOPE[squash.type] * np.abs(mine[x] - refs[x]).max() / np.abs(refs[b]).max()
+        rel = _rel(mine[b], refs[b])
+        assert rel <= allowed, f"{name}: {names[b]}: rel {rel:.3g} > {allowed:.3g}"
     if det:
         rows = ref[-1].reshape(-1, 7)          # OpenCV pads with zero rows of label 0
         background = manifest["ssd"]["detection_output"]["background_label_id"]

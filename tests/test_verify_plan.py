@@ -12,6 +12,7 @@ from caffe2metal.cli import main
 from caffe2metal.verification import PLAN_TOLERANCE
 
 HEADS = ["mbox_loc", "mbox_conf_flatten"]
+ROWS = ["mbox_loc", "mbox_conf_reshape", "mbox_conf_flatten"]     # the softmax's input too
 TINY = """name: "tiny"
 input: "data"
 input_shape { dim: 1 dim: 3 dim: 24 dim: 32 }
@@ -31,33 +32,37 @@ def example(example_outputs):
 def test_float32_plan_rows_match_opencv_and_detections_are_equal_sets(example):
     ex, outs = example
     check = api.verify(ex.prototxt, ex.caffemodel, outs["float32"])
-    assert [r.name for r in check.plan] == [*HEADS, "detections"]
+    assert [r.name for r in check.plan] == [*ROWS, "detections"]
     assert check.ok and check.complete and check.verdict() == "verify: PASS"
     for r in check.plan:
         assert r.counted and r.ok, (r.name, r.rel, r.note)
-    for r in check.plan[:2]:
-        assert r.tolerance == PLAN_TOLERANCE["float32"] == 1e-4
+    for r in check.plan[:3]:
         assert r.rel <= 1e-4                      # measured 6.3e-6, 2.7e-5
-    det = check.plan[2]
+    loc, logits, scores = check.plan[:3]
+    assert loc.tolerance == logits.tolerance == PLAN_TOLERANCE["float32"] == 1e-4
+    # the softmaxed row: 1e-4 plus half the logits' difference, of max|scores|, 2 digits up
+    bound = 1e-4 + 0.5 * logits.max_diff / scores.max_ref
+    assert bound <= scores.tolerance <= bound * 1.1 and "Softmax of the row above" in scores.note
+    det = check.plan[3]
     # synthetic weights saturate the scores: nearly all tie within 1e-3, counted only
     assert det.shape == (100,) and "compared by count only" in det.note
     text = check.render()
     assert "end to end: the plan run from OUT (numpy MPS model) vs the original model in " \
            "OpenCV" in text
-    assert "42 layer check(s), 1 output(s), 3 plan run row(s)" in text
+    assert "42 layer check(s), 1 output(s), 4 plan run row(s)" in text
 
 
 def test_float16_plan_rows_use_the_measured_tolerance(example):
     ex, outs = example
     check = api.verify(ex.prototxt, ex.caffemodel, outs["float16"])
     assert check.ok and check.complete, check.render()
-    heads = {r.name: r for r in check.plan[:2]}
-    assert set(heads) == set(HEADS)
+    heads = {r.name: r for r in check.plan[:3]}
+    assert list(heads) == ROWS
     for r in heads.values():
-        assert r.counted and r.tolerance == PLAN_TOLERANCE["float16"] == 1e-1
+        assert r.counted and r.tolerance >= PLAN_TOLERANCE["float16"] == 1e-1
     assert 1e-3 < heads["mbox_loc"].rel <= 3e-2             # measured 1.6e-2
     assert 1e-2 < heads["mbox_conf_flatten"].rel <= 1e-1     # measured 7.1e-2
-    det = check.plan[2]
+    det = check.plan[3]
     assert det.informational and not det.counted and "float16: shown for information" in det.note
     assert "info  " in check.render()
 
@@ -90,7 +95,7 @@ def test_an_op_run_cannot_execute_is_cut_with_what_follows(example, tmp_path, ca
     assert check.ok and not check.complete
     assert check.verdict().startswith("verify: INCOMPLETE (everything checked passed")
     assert main(["verify", str(ex.prototxt), str(ex.caffemodel), str(bad)]) == 3
-    assert "1 output(s), 3 plan run row(s)" in capsys.readouterr().out
+    assert "1 output(s), 4 plan run row(s)" in capsys.readouterr().out
 
 
 def test_a_wrong_plan_fails(example, tmp_path):
@@ -103,6 +108,22 @@ def test_a_wrong_plan_fails(example, tmp_path):
                                                            swap_concat))
     assert not check.ok
     assert "mbox_loc" in [r.name for r in check.failures]
+
+
+def test_a_softmax_over_the_wrong_axis_fails_though_its_logits_match(example, tmp_path):
+    """The softmaxed row's tolerance grows only with the logits' measured difference: a wrong
+    softmax (over all priors' channels, MPSCNNSoftMax's way, not per prior) still fails."""
+    ex, outs = example
+
+    def whole_axis(plan):
+        op = next(o for o in plan if o.get("type") == "Softmax")
+        op["app"]["axis"] = 1
+    check = api.verify(ex.prototxt, ex.caffemodel, _edited(outs["float32"], tmp_path,
+                                                           whole_axis))
+    rows = {r.name: r for r in check.plan}
+    assert rows["mbox_conf_reshape"].ok and rows["mbox_conf_reshape"].rel <= 1e-4
+    assert not rows["mbox_conf_flatten"].ok and rows["mbox_conf_flatten"].rel > 0.5
+    assert rows["mbox_conf_flatten"].tolerance < 1e-3 and not check.ok
 
 
 def test_a_net_without_detections_has_one_row_per_output(tmp_path):

@@ -93,7 +93,7 @@ from .files import _entries, load_manifest, manifest_layer, read_array
 from .inputs import make_inputs
 from .layers import _SHA_NOTE, _check_layer, _check_priors, _downstream, recompute
 from .opencv import _forward, _opencv, caffemodel_bytes, opencv_net, opencv_text
-from .plan_run import PLAN_TOLERANCE, detection_inputs, plan_rows, softmax_inputs
+from .plan_run import PLAN_TOLERANCE, detection_inputs, plan_rows, squashed_inputs
 from .reference import caffe_reference
 from .report import END_TO_END_TOLERANCE, TOLERANCE, Report, Row, _measure, render
 
@@ -145,7 +145,8 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
     gone = forks.unavailable
     needed.update(_outputs(graph, drop, forks))
     needed.update(detection_inputs(graph, drop))          # the plan run's rows for SSD
-    needed.update(softmax_inputs(graph, _outputs(graph, drop, forks)))   # and a classifier's
+    needed.update(squashed_inputs(graph, [*_outputs(graph, drop, forks),
+                                         *detection_inputs(graph, drop)]))   # their logits
     needed -= set(gone)
     with fork_layers.registered(forks):
         net = _opencv(opencv_text(model, drop, rename=forks.rename, cut=forks.cut),

@@ -3,8 +3,14 @@
 ``caffe2metal.runtime`` executes the manifest's plan in numpy with MPS semantics
 from ``manifest.json`` and ``metal/`` only (never the prototxt or the caffemodel),
 on the input verify fed the original.  One row per net output (rel = max |diff| /
-max |ref|, as every row), and for an output a Softmax computes one for its input too
-(a saturated softmax hides what comes before it); for an SSD net the outputs of
+max |ref|, as every row); a row a Softmax, Sigmoid or TanH computes (through
+Flatten/Reshape: SSD's scores, a classifier's probabilities) comes after a row for
+that layer's input, held to the tolerance, while the squashed row is held to the
+tolerance plus what the difference measured in its input can become through the
+layer's largest slope (``SLOPE``, ``_through``): a saturated softmax hides differences
+before it, and large logits make float32 rounding visible after it (mobilenetv2_ssd:
+a random one-ulp change of every weight moves its sigmoid scores by 2.3e-4 of max and
+its logits by 6e-6); for an SSD net the outputs of
 DetectionOutput are its inputs (``loc``, ``conf``: the rows hold the values) plus one
 row ``detections`` comparing the two detection lists as sets (as an app reads them; their order in
 the 1x1xNx7 blob is no contract; OpenCV's zero rows of the background label, its
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Collection
@@ -66,20 +73,45 @@ def detection_inputs(graph: Graph, drop: Collection[str] = ()) -> list[str]:
             and layer.type not in drop for b in layer.bottoms[:2]]
 
 
-def softmax_inputs(graph: Graph, outputs: Collection[str]) -> list[str]:
-    """The input of each net output a Softmax computes, where that input is the last value
-    of its blob name: a classifier's logits.  A saturated softmax (one class near 1) hides
-    any difference before it, so the plan rows compare the logits too."""
+SLOPE = {"Softmax": 0.5, "Sigmoid": 0.25, "TanH": 1.0}
+"""The largest slope of each squashing layer, in the infinity norm: softmax's Jacobian
+diag(p) - p p^T has rows summing in absolute value to 2 p_i (1 - p_i) <= 1/2; the
+logistic's derivative s (1 - s) <= 1/4; tanh's 1 - t^2 <= 1 (derived)."""
+
+
+def squashed_input(graph: Graph, blob: str) -> tuple[str, float, str] | None:
+    """The input of the Softmax, Sigmoid or TanH that computes ``blob`` (through
+    Flatten/Reshape only: SSD's mbox_conf_flatten, a classifier's prob) and that layer's
+    slope bound and type, where that input is the last value of its blob name (what the plan's value
+    of that name is); else None."""
     producers = graph.producers()
-    last = {graph.blob_names.get(b, b): b for b in producers}     # file name -> last value
-    found = []
-    for b in outputs:
-        layer = producers.get(b)
-        if layer is not None and layer.type == "Softmax":
-            x = layer.bottoms[0]
-            if last.get(graph.blob_names.get(x, x)) == x and x in producers:
-                found.append(x)
-    return found
+    layer = producers.get(blob)
+    while layer is not None and layer.type in ("Flatten", "Reshape"):
+        layer = producers.get(layer.bottoms[0])
+    if layer is None or layer.type not in SLOPE:
+        return None
+    x = layer.bottoms[0]
+    name = graph.blob_names.get(x, x)
+    last = [b for b in producers if graph.blob_names.get(b, b) == name]
+    return (x, SLOPE[layer.type], layer.type) if last and last[-1] == x and x in producers \
+        else None
+
+
+def squashed_inputs(graph: Graph, blobs: Collection[str]) -> list[str]:
+    """``squashed_input`` of each of ``blobs`` that has one."""
+    return [found[0] for b in blobs if (found := squashed_input(graph, b)) is not None]
+
+
+def _through(slope: float, tol: float, above: Row | None, probs: np.ndarray) -> float:
+    """The tolerance of a squashed row: ``tol`` plus what the difference measured in its
+    input (the row ``above``) can make of it through the layer, slope * max|dz| (mean
+    value theorem), as a fraction of max|p|; rounded up to 2 significant digits."""
+    top = float(np.abs(probs).max()) if probs.size else 0.0
+    if above is None or not above.counted or not math.isfinite(above.max_diff) or top <= 0:
+        return tol
+    bound = tol + slope * above.max_diff / top
+    digits = 10.0 ** (math.floor(math.log10(bound)) - 1)
+    return math.ceil(bound / digits) * digits
 
 
 def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndarray],
@@ -114,7 +146,12 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
     def shape_of(b: str) -> tuple:
         return tuple(d for d in shapes.get(b) or () if d is not None)
 
-    def compare(name: str, kind: str, blob: str) -> None:
+    def compare(name: str, kind: str, blob: str) -> Row:
+        found = squashed_input(graph, blob)
+        x, slope, squash = found if found is not None and found[0] in values else (None, 0, "")
+        above = None                            # the logits first: a softmax compresses them
+        if x is not None:
+            above = compare(graph.blob_names.get(x, x), producers[x].type, x)
         ref = values[blob]
         mine = None if result is None else result.values.get(last.get(name, name))
         if mine is None:
@@ -122,11 +159,17 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
             why = cut.get(last.get(name, name), why)
             report.skipped.append((f"plan: {name}", why))
             rows.append(Row(name, kind, shape_of(blob), counted=False, note=f"skipped: {why}"))
-            return
+            return rows[-1]
         if mine.shape != ref.shape and mine.size == ref.size \
                 and [d for d in mine.shape if d != 1] == [d for d in ref.shape if d != 1]:
             mine = mine.reshape(ref.shape)      # an MPSImage 1x1xC is Caffe's (1, C)
-        rows.append(_measure(Row(name, kind, ref.shape), ref, mine, tol))
+        row_tol = tol if x is None else _through(slope, tol, above, ref)
+        row = _measure(Row(name, kind, ref.shape), ref, mine, row_tol)
+        if row_tol > tol:
+            row.note = (f"{squash} of the row above: tol {tol:g} + {slope:g} x its max |diff| / "
+                        f"max |ref| (a {squash}'s slope is at most {slope:g})")
+        rows.append(row)
+        return row
 
     for name, b in outputs.items():
         producer = producers.get(b)
@@ -140,9 +183,6 @@ def plan_rows(report: Report, manifest: dict, out: Path, feed: dict[str, np.ndar
                                     precision, background))
         else:
             compare(name, producer.type if producer is not None else "?", b)
-            for x in softmax_inputs(graph, [b]):
-                if x in values:
-                    compare(graph.blob_names.get(x, x), producers[x].type, x)
     return rows
 
 
@@ -303,4 +343,4 @@ def _copy(out: Path, manifest: dict, plan: list, tmp: Path) -> Path:
 
 
 __all__ = ["MIN_IOU", "PLAN_TOLERANCE", "SCORE_TOLERANCE", "detection_inputs", "plan_rows",
-           "softmax_inputs"]
+           "squashed_input", "squashed_inputs"]

@@ -33,7 +33,7 @@ from .ops import PlanError
 ACTIVATIONS = ("float32", "float16")
 _NP = {"float32": "<f4", "float16": "<f2"}
 __all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "PlanError", "RunOutput", "default_feed",
-           "load_plan", "run_plan"]
+           "load_plan", "run_plan", "select"]
 
 
 @dataclass

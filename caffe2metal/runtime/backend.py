@@ -91,10 +91,11 @@ def select(backend: str = "numpy", device: str | None = None):
         raise Caffe2MetalError(f"--device {device!r}: use cpu or gpu")
     try:
         import mlx.core  # noqa: F401  (probe only: mlx_ops imports it for real)
-    except ImportError as e:
+    except ImportError as e:           # not installed; or installed but unloadable: say why
+        why = "" if isinstance(e, ModuleNotFoundError) else f" ({e})"
         raise Caffe2MetalError(
             "--backend mlx needs Apple's MLX, which is not installed: pip install "
-            "'caffe2metal[mlx]' (on Linux that installs mlx[cpu], MLX's CPU build)"
-            f" ({e})") from None
+            f"'caffe2metal[mlx]' (on Linux that installs mlx[cpu], MLX's CPU build){why}"
+        ) from None
     from .mlx_ops import MlxBackend
     return MlxBackend(device)

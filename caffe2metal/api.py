@@ -285,10 +285,15 @@ def _files(out: Path) -> list[Path]:
     return sorted(found)
 
 
-def run(out: PathLike, *, image: PathLike | None = None, activations: str = "float32") -> Run:
+def run(out: PathLike, *, image: PathLike | None = None, activations: str = "float32",
+        backend: str = "numpy", device: str | None = None) -> Run:
     """Execute OUT's plan from OUT alone; the input is ``image`` preprocessed as the manifest
-    records (nothing assumed when it records nothing), else verify's random input."""
-    from .runtime import load_plan, run_plan
+    records (nothing assumed when it records nothing), else verify's random input.
+    ``backend`` "numpy" (MPS semantics in float64 numpy) or "mlx" (Apple's MLX, the optional
+    extra ``caffe2metal[mlx]``) on ``device`` "cpu" or "gpu" (default: MLX's default, the
+    GPU where MLX has one)."""
+    from .runtime import load_plan, run_plan, select
+    be = select(backend, device)          # a missing MLX or GPU: before anything is read
     feed, described = None, "uniform [-1, 1) random, seed 0 (verify's default input)"
     if image is not None:
         from .verification.inputs import check_image, load_image, manifest_image_input
@@ -303,8 +308,8 @@ def run(out: PathLike, *, image: PathLike | None = None, activations: str = "flo
                                    f"'{target[0]}' of {c} channel(s)", file=where)
         feed[target[0]] = load_image(spec, target[1])
         described = spec.describe(w, h, c)
-    r = run_plan(Path(out), feed, activations)
-    return Run(Path(out), r.outputs, r.detections, activations, described)
+    r = run_plan(Path(out), feed, activations, backend, device)
+    return Run(Path(out), r.outputs, r.detections, activations, described, be.name, be.device)
 
 
 def _run_feed(manifest: dict, where: Path) -> tuple[dict, tuple[str, tuple]]:

@@ -100,14 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("example", help="write the built-in MobileNet-SSD-style example model")
     p.add_argument("directory")
 
-    p = sub.add_parser("run", help="execute OUT's plan in numpy with MPS semantics, from OUT "
-                       "alone; print the net outputs and SSD detections")
+    p = sub.add_parser("run", help="execute OUT's plan with MPS semantics (numpy, or Apple's "
+                       "MLX), from OUT alone; print the net outputs and SSD detections")
     p.add_argument("out", help="the directory convert wrote")
     p.add_argument("--image", help="input image, preprocessed as the manifest records; "
                    "default: verify's deterministic random input")
     p.add_argument("--json", action="store_true", help="print {outputs, detections} as JSON")
     p.add_argument("--activations", choices=("float32", "float16"), default="float32",
                    help="float16 rounds every MPS op's output as an MPSImage stores it")
+    p.add_argument("--backend", choices=("numpy", "mlx"), default="numpy",
+                   help="numpy (default; float64, rounded to float32 per op) or mlx (Apple's "
+                   "MLX, float32; pip install 'caffe2metal[mlx]')")
+    p.add_argument("--device", choices=("cpu", "gpu"), help="with --backend mlx: where MLX "
+                   "runs (default: MLX's default, the GPU on an Apple-silicon Mac)")
     return ap
 
 
@@ -201,7 +206,8 @@ def _example(args) -> int:
 
 def _run(args) -> int:
     from . import api
-    done = api.run(args.out, image=args.image, activations=args.activations)
+    done = api.run(args.out, image=args.image, activations=args.activations,
+                   backend=args.backend, device=args.device)
     _print(done.to_json() if args.json else done.render())
     return OK
 

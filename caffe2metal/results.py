@@ -206,16 +206,19 @@ class Example:
 
 @dataclass(frozen=True)
 class Run:
-    """The plan of OUT executed in numpy (``caffe2metal.runtime``): net outputs by blob name,
-    and SSD's detections."""
+    """The plan of OUT executed (``caffe2metal.runtime``) in numpy or MLX: net outputs by blob
+    name, and SSD's detections."""
     out: Path
     outputs: dict
     detections: list
     activations: str = "float32"
     input: str = ""                   # what was fed (an image: how it was preprocessed)
+    backend: str = "numpy"
+    device: str = "cpu"
 
     def render(self) -> str:
-        lines = [f"{self.out}: plan run in numpy (activations {self.activations})"]
+        where = "numpy" if self.backend == "numpy" else f"{self.backend} ({self.device})"
+        lines = [f"{self.out}: plan run in {where} (activations {self.activations})"]
         if self.input:
             lines.append(f"  input: {self.input}")
         for name, v in self.outputs.items():

@@ -8,6 +8,8 @@ and the squashed blob is held to 1e-4 plus what the logits' measured difference 
 through the layer (slope <= 1/2 for softmax, 1/4 for the logistic: the mean value
 theorem), as verify's plan rows do: the calibrated weights can make a softmax one-hot
 (hiding everything), and logits in the hundreds make float32 rounding visible after it.
+The same for ``run --backend mlx`` (Apple's MLX, CPU build), which is also held to the
+numpy backend.
 """
 from __future__ import annotations
 
@@ -25,7 +27,11 @@ TOL = 1e-4
 # logits differ by 1.4e-6 of their max (1137): 0.25 x 1.6e-3 = 4e-4 allowed.  Measured
 # (tools/precision-style perturbation): a random one-ulp relative change of every weight
 # moves those scores by 2.3e-4, its logits by 6e-6: float32 rounding, not the plan.
+# (MLX: 2.4e-4 from OpenCV, 1.7e-4 from numpy on those scores; logits 1.4e-6 apart.)
 SLOPE = {"Softmax": 0.5, "Sigmoid": 0.25}
+# MLX (float32 throughout) against the numpy backend (float64 per op, rounded to float32):
+# worst measured 4.8e-5 (mobilenetv2_ssdlite's heads), the rest <= 1.8e-5.
+MLX_VS_NUMPY = 1e-4
 
 # OpenCV runs these, `run` does not: the plan has an op the numpy runtime cannot execute
 # from OUT, named here with the exact reason (checked: the run fails on that op).
@@ -72,6 +78,7 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
     manifest = load_plan(out)
     feed = default_feed(manifest)
     result = run_plan(out, feed)
+    mlx = run_plan(out, feed, backend="mlx")
 
     graph, names = model.graph, model.graph.blob_names
     blobs = _blobs(graph)
@@ -85,15 +92,24 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
     file_name = manifest.get("blob_names") or {}
     last = {file_name.get(t, t): t for op in manifest["plan"] for t in op["tops"]}
     refs = dict(zip(blobs, ref, strict=False))
-    mine = {b: np.asarray(result.values[last[names[b]]]).reshape(refs[b].shape) for b in blobs}
-    for b in blobs:
-        allowed = TOL
+    runs = {k: {b: np.asarray(r.values[last[names[b]]]).reshape(refs[b].shape) for b in blobs}
+            for k, r in (("numpy", result), ("mlx", mlx))}
+
+    def allowed(b, base, mine, theirs):
         squash = _squashing(graph, b)
-        if squash is not None:      # 1e-4 plus the logits' difference through the layer
-            x = squash.bottoms[0]
-            allowed += SLOPE[squash.type] * np.abs(mine[x] - refs[x]).max() / np.abs(refs[b]).max()
-        rel = _rel(mine[b], refs[b])
-        assert rel <= allowed, f"{name}: {names[b]}: rel {rel:.3g} > {allowed:.3g}"
+        if squash is None:
+            return base
+        x = squash.bottoms[0]     # base plus the logits' difference through the layer
+        return base + SLOPE[squash.type] * np.abs(mine[x] - theirs[x]).max() / \
+            np.abs(theirs[b]).max()
+
+    for b in blobs:
+        for k in runs:
+            rel, tol = _rel(runs[k][b], refs[b]), allowed(b, TOL, runs[k], refs)
+            assert rel <= tol, f"{name}: {names[b]}: {k} rel {rel:.3g} > {tol:.3g}"
+        rel = _rel(runs["mlx"][b], runs["numpy"][b])
+        tol = allowed(b, MLX_VS_NUMPY, runs["mlx"], runs["numpy"])
+        assert rel <= tol, f"{name}: {names[b]}: mlx vs numpy {rel:.3g} > {tol:.3g}"
     if det:
         rows = ref[-1].reshape(-1, 7)          # OpenCV pads with zero rows of label 0
         background = manifest["ssd"]["detection_output"]["background_label_id"]
@@ -106,6 +122,9 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
         mine = [d for d in result.detections if d["score"] > cut]
         # res10_ssd_face decodes boxes 1e5 wide and 1e-6 high (IoU ill-conditioned): those
         # match by coordinates, measured within 7.5e-6 of the box's largest
+        assert same_detections(mine, rows[rows[:, 2] > cut], coord_tol=2e-5), name
+        assert len(mlx.detections) == len(rows), name
+        mine = [d for d in mlx.detections if d["score"] > cut]
         assert same_detections(mine, rows[rows[:, 2] > cut], coord_tol=2e-5), name
 
 

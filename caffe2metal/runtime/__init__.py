@@ -1,10 +1,14 @@
-"""Execute the manifest's plan in numpy, from OUT alone (manifest.json and metal/).
+"""Execute the manifest's plan from OUT alone (manifest.json and metal/), in numpy or MLX.
 
-``run_plan(out, feed)`` runs every op in order (``ops`` holds one function per
-kind) and returns the net's outputs (blobs no op reads) by their names in the
-file, and SSD's detections.  ``activations="float16"`` rounds every op's output
-to float16, as an MPSImage of float16 feature channels stores it on the GPU
-(constants and DetectionOutput's rows stay float32: app code on the CPU).
+``run_plan(out, feed)`` runs every op in order and returns the net's outputs
+(blobs no op reads) by their names in the file, and SSD's detections.  The walk,
+the checks (``checks.check_plan``), file reading and the output assembly are this
+module's, for every backend; ``backend`` picks the per-op compute
+(``backend.NumpyBackend``: ``ops``, one numpy function per kind;
+``mlx_ops.MlxBackend``: Apple's MLX, ``device`` cpu or gpu).
+``activations="float16"`` rounds every MPS op's output to float16, as an MPSImage of
+float16 feature channels stores it on the GPU (constants and DetectionOutput's rows stay
+float32: app code on the CPU).
 Never reads the prototxt or the caffemodel.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +26,38 @@ from ..errors import Caffe2MetalError
 from ..graph import Layer
 from ..layers import registry
 from . import ops
+from .backend import BACKENDS, DEVICES, select
 from .checks import check_plan
 from .ops import PlanError
 
 ACTIVATIONS = ("float32", "float16")
 _NP = {"float32": "<f4", "float16": "<f2"}
-__all__ = ["ACTIVATIONS", "PlanError", "RunOutput", "default_feed", "load_plan", "run_plan"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "PlanError", "RunOutput", "default_feed",
+           "load_plan", "run_plan", "select"]
 
 
 @dataclass
 class RunOutput:
     outputs: dict[str, np.ndarray]                    # file blob name -> value
     detections: list[dict] = field(default_factory=list)
-    values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # unique name
+    values: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)  # unique name
+
+
+class _Values(Mapping):
+    """Every blob's value by unique name, converted to numpy when read (an MLX run keeps its
+    arrays: converting the blobs nobody reads would cost a copy each)."""
+
+    def __init__(self, values: dict, to_numpy):
+        self._values, self._to_numpy = values, to_numpy
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._to_numpy(self._values[name])
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 def load_plan(out: Path) -> dict:
@@ -84,21 +108,28 @@ def _array(out: Path, spec, owner: str) -> np.ndarray:
                         f"{dtype}")
     if spec.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
         raise PlanError(owner, "file", f"{rel} does not match its sha256")
-    return np.frombuffer(data, _NP[dtype]).reshape(shape).astype(np.float32)
+    return np.frombuffer(data, _NP[dtype]).reshape(shape)
 
 
-def run_plan(out, feed: dict[str, np.ndarray] | None = None,
-             activations: str = "float32") -> RunOutput:
+def run_plan(out, feed: dict[str, np.ndarray] | None = None, activations: str = "float32",
+             backend: str = "numpy", device: str | None = None) -> RunOutput:
     out = Path(out)
     if activations not in ACTIVATIONS:
         raise Caffe2MetalError(f"--activations {activations!r}: use float32 or float16")
+    be = select(backend, device)
     manifest = load_plan(out)
-    feed = default_feed(manifest) if feed is None else feed
+    with be.context():
+        return _walk(out, manifest, default_feed(manifest) if feed is None else feed,
+                     activations, be)
+
+
+def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: str,
+          be) -> RunOutput:
     entries = {e.get("name"): e for e in manifest.get("layers", []) if isinstance(e, dict)}
     ssd = manifest.get("ssd") or {}
-    values: dict[str, np.ndarray] = {}
+    values: dict = {}
     for name, x in feed.items():
-        values[name] = np.asarray(x, np.float32)
+        values[name] = be.from_numpy(np.asarray(x, np.float32))
     read: set[str] = set()
     rows = None
     for i, op in enumerate(manifest["plan"]):
@@ -120,57 +151,57 @@ def run_plan(out, feed: dict[str, np.ndarray] | None = None,
                 raise PlanError(op["name"], "tops", f"input {absent[0]!r} is not fed")
             ys = [values[t] for t in op["tops"]]
         else:
-            ys = _execute(op, xs, out, entries, ssd)
+            ys = _execute(op, xs, out, entries, ssd, be)
         if len(ys) != len(op["tops"]):
             raise PlanError(op["name"], "tops", f"{len(op['tops'])} tops for {len(ys)} values")
         for top, y in zip(op["tops"], ys, strict=True):
             rounded = activations == "float16" and "mps" in op
-            values[top] = y.astype(np.float16).astype(np.float32) if rounded else y
+            values[top] = be.round16(y) if rounded else y
         if (op.get("app") or {}).get("op") == "detection_output":
-            rows = ys[0]
+            rows = be.to_numpy(ys[0])
     names = manifest.get("blob_names") or {}
     produced = [t for op in manifest["plan"] for t in op["tops"]]
-    outputs = {names.get(t, t): values[t] for t in produced if t not in read}
+    outputs = {names.get(t, t): be.to_numpy(values[t]) for t in produced if t not in read}
     dets = [] if rows is None else [
         {"label": int(r[1]), "score": float(r[2]), "box": [float(v) for v in r[3:7]]}
         for r in rows.reshape(-1, 7) if r[1] >= 0]
-    return RunOutput(outputs, dets, values)
+    return RunOutput(outputs, dets, _Values(values, be.to_numpy))
 
 
-def _execute(op: dict, xs: list, out: Path, entries: dict, ssd: dict) -> list[np.ndarray]:
+def _execute(op: dict, xs: list, out: Path, entries: dict, ssd: dict, be) -> list:
     name = op["name"]
     m, app = op.get("mps"), op.get("app")
     if isinstance(m, dict) and "entry" in m:
         entry = entries.get(m["entry"])
         if entry is None:
             raise PlanError(name, "mps.entry", f"{m['entry']!r} is not in the manifest's layers")
-        w = _array(out, entry.get("weights"), name)
-        b = _array(out, entry.get("bias"), name)
-        return [ops.weighted({**op, "_entry": entry}, m, xs[0], w, b)]
+        w = be.weights(_array(out, entry.get("weights"), name))
+        b = be.weights(_array(out, entry.get("bias"), name))
+        return [be.weighted({**op, "_entry": entry}, m, xs[0], w, b)]
     if isinstance(m, dict):
         kernel = m.get("kernel")
         if kernel in ("MPSCNNPoolingMax", "MPSCNNPoolingAverage"):
-            return [ops.pooling(op, m, xs[0])]
+            return [be.pooling(op, m, xs[0])]
         if isinstance(kernel, str) and kernel.startswith("MPSCNNNeuron") and \
                 kernel != "MPSCNNNeuronPReLU":
-            return [ops.neuron(op, m, xs[0])] * len(op["tops"])
+            return [be.neuron(op, m, xs[0])] * len(op["tops"])
         if kernel == "MPSCNNNeuronPReLU":
-            slopes = _array(out, m.get("slopes"), name).reshape(-1)
-            return [ops.prelu(op, m, xs[0], slopes)]
+            slopes = _array(out, m.get("slopes"), name).reshape(-1).astype(np.float32)
+            return [be.prelu(op, m, xs[0], slopes)]
         if kernel == "MPSCNNSoftMax":
-            return [ops.softmax(xs[0], 1)]
+            return [be.softmax(xs[0], 1)]
         if kernel in ("MPSCNNAdd", "MPSCNNMultiply"):
-            return [ops.eltwise(op, m, xs)]
+            return [be.eltwise(op, m, xs)]
         if kernel == "destinationFeatureChannelOffset":
-            return [ops.concat_channels(op, m, xs)]
+            return [be.concat_channels(op, m, xs)]
         if app is None:
             raise PlanError(name, "mps.kernel", f"{kernel!r} is not a kernel run executes")
     if not isinstance(app, dict):
         raise PlanError(name, "app", "an op needs mps or app")
-    return _app(op, app, xs, out, ssd)
+    return _app(op, app, xs, out, ssd, be)
 
 
-def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray]:
+def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict, be) -> list:
     kind, name = app.get("op"), op["name"]
     shapes = op.get("shapes") or {}
 
@@ -184,31 +215,34 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict) -> list[np.ndarray
     if kind == "none":
         return []
     if kind == "reshape":
-        return [xs[0].reshape(top_shape())]
+        return [be.reshape(xs[0], top_shape())]
     if kind == "transpose":
-        return [np.ascontiguousarray(xs[0].transpose(app.get("order")))]
+        return [be.transpose(xs[0], app.get("order"))]
     if kind == "concat":
-        return [np.concatenate(xs, axis=int(app.get("axis", 1)))]
+        return [be.concat(xs, int(app.get("axis", 1)))]
     if kind in _ELEMENTWISE:
-        return [_ELEMENTWISE[kind](op, app, xs)]
+        return [_ELEMENTWISE[kind](be, op, app, xs)]
     if kind == "slice":
         axis = int(app["axis"])
-        return [np.take(xs[0], range(s, s + n), axis=axis)
+        return [be.slice(xs[0], axis, s, n)
                 for s, n in zip(app["starts"], app["sizes"], strict=True)]
     if kind == "constant":
-        priors = _array(out, ssd.get("priors"), name).reshape(2, -1)
+        priors = _array(out, ssd.get("priors"), name).reshape(2, -1).astype(np.float32)
         start, count = (int(v) for v in app.get("columns", [0, -1]))
         if start < 0 or count <= 0 or start + count > priors.shape[1]:
             raise PlanError(name, "app.columns", f"[{start}, {count}] is outside priors.dat's "
                             f"{priors.shape[1]} columns")
-        return [priors[:, start:start + count][None]]
+        return [be.from_numpy(priors[:, start:start + count][None])]
     if kind == "normalize":
-        return [ops.normalize(op, app, xs[0], _array(out, app.get("scale"), name).reshape(-1))]
+        scale = _array(out, app.get("scale"), name).reshape(-1).astype(np.float32)
+        return [be.normalize(op, app, xs[0], scale)]
     if kind == "unavailable":
         raise PlanError(name, "app.reason", str(app.get("reason")))
+    # in numpy whatever the backend: SSD's decoder and NMS (app code on the CPU), and the
+    # fork layers' numpy forward roles
     if kind == "detection_output":
-        return [ops.detections(op, *xs[:3])]
-    return _fork(op, app, xs)
+        return [be.from_numpy(ops.detections(op, *(be.to_numpy(x) for x in xs[:3])))]
+    return [be.from_numpy(y) for y in _fork(op, app, [be.to_numpy(x) for x in xs])]
 
 
 def _fork(op: dict, app: dict, xs: list) -> list[np.ndarray]:
@@ -230,10 +264,10 @@ def _fork(op: dict, app: dict, xs: list) -> list[np.ndarray]:
 
 
 _ELEMENTWISE = {
-    "softmax": lambda op, app, xs: ops.softmax(xs[0], int(app.get("axis", 1))),
-    "clip": lambda op, app, xs: np.clip(xs[0], app["min"], app["max"]).astype(np.float32),
-    "max": lambda op, app, xs: np.max(np.stack(xs), axis=0),
-    "scale_by": lambda op, app, xs: ops.scale_by(op, app, *xs[:2]),
-    "lrn": lambda op, app, xs: ops.lrn(op, app, xs[0]),
+    "softmax": lambda be, op, app, xs: be.softmax(xs[0], int(app.get("axis", 1))),
+    "clip": lambda be, op, app, xs: be.clip(xs[0], app["min"], app["max"]),
+    "max": lambda be, op, app, xs: be.maximum(xs),
+    "scale_by": lambda be, op, app, xs: be.scale_by(op, app, *xs[:2]),
+    "lrn": lambda be, op, app, xs: be.lrn(op, app, xs[0]),
 }
 """App ops of one top computed from the bottoms and the op's parameters alone."""

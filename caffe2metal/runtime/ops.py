@@ -110,17 +110,23 @@ def pooling(op: dict, m: dict, x: np.ndarray) -> np.ndarray:
         xp = _windowed(op, x3, k, s, (1, 1), o, out, -np.inf)
         win = sliding_window_view(xp, k, axis=(0, 1))[::s[0], ::s[1]][:out[0], :out[1]]
         return nchw(win.max(axis=(-2, -1)).astype(np.float32))
-    zp = (_int(op, m, "zeroPadSizeY", None, 0), _int(op, m, "zeroPadSizeX", None, 0))
     xp = _windowed(op, x3, k, s, (1, 1), o, out, 0.0)
     win = sliding_window_view(xp, k, axis=(0, 1))[::s[0], ::s[1]][:out[0], :out[1]]
+    div = average_divisor(op, m, x3.shape[:2])
+    return nchw((win.sum(axis=(-2, -1)) / div[:, :, None]).astype(np.float32))
+
+
+def average_divisor(op: dict, m: dict, hw: tuple) -> np.ndarray:
+    """MPSCNNPoolingAverage's divisor per destination pixel [H'][W'] (float64): the window
+    clipped to the source grown by ``zeroPadSizeY/X`` on each side."""
+    k, s, _, o, out = _geometry(op, m, dilation=False)
+    zp = (_int(op, m, "zeroPadSizeY", None, 0), _int(op, m, "zeroPadSizeX", None, 0))
     counts = []
     for axis in (0, 1):
         first = window_start(o[axis], k[axis]) + s[axis] * np.arange(out[axis])
-        size = x3.shape[axis]
-        counts.append(np.minimum(first + k[axis], size + zp[axis])
+        counts.append(np.minimum(first + k[axis], hw[axis] + zp[axis])
                       - np.maximum(first, -zp[axis]))
-    div = counts[0][:, None, None] * counts[1][None, :, None]
-    return nchw((win.sum(axis=(-2, -1)) / div).astype(np.float32))
+    return (counts[0][:, None] * counts[1][None, :]).astype(np.float64)
 
 
 def neuron(op: dict, m: dict, x: np.ndarray) -> np.ndarray:
@@ -154,43 +160,45 @@ def neuron(op: dict, m: dict, x: np.ndarray) -> np.ndarray:
 def prelu(op: dict, m: dict, x: np.ndarray, slopes: np.ndarray) -> np.ndarray:
     """MPSCNNNeuronPReLU: ``x < 0 ? a[c]*x : x`` (one slope for all channels if shared)."""
     x = np.asarray(x, np.float64)
-    c = x.shape[1] if x.ndim > 1 else 1
-    if slopes.size not in ((1,) if m.get("channelShared") else (c,)):
-        raise PlanError(op["name"], "mps.slopes", f"{slopes.size} slopes for {c} channels")
+    check_slopes(op, m, slopes.size, x.shape[1] if x.ndim > 1 else 1)
     a = slopes.astype(np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
     return np.where(x < 0, a * x, x).astype(np.float32)
 
 
+def check_slopes(op: dict, m: dict, n: int, channels: int) -> None:
+    if n not in ((1,) if m.get("channelShared") else (channels,)):
+        raise PlanError(op["name"], "mps.slopes", f"{n} slopes for {channels} channels")
+
+
 def scale_by(op: dict, app: dict, x: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Caffe's Scale with two bottoms: x * s, s lined up with x's dimensions from ``axis``."""
-    axis = app.get("axis")
     x, s = np.asarray(x, np.float64), np.asarray(s, np.float64)
-    dims = list(s.shape)
+    return (x * s.reshape(scale_by_shape(op, app, x.shape, s.shape))).astype(np.float32)
+
+
+def scale_by_shape(op: dict, app: dict, x_shape: tuple, s_shape: tuple) -> tuple:
+    """The shape the second bottom takes to broadcast against the first (Caffe's ``axis``)."""
+    axis = app.get("axis")
+    dims = list(s_shape)
     while dims and dims[-1] == 1 and len(dims) > 1:        # trailing 1s as Caffe allows
         dims.pop()
-    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis <= x.ndim - len(dims) \
-            or tuple(x.shape[axis:axis + len(dims)]) != tuple(dims):
-        raise PlanError(op["name"], "app.axis", f"{axis!r}: {list(s.shape)} does not line up "
-                        f"with {list(x.shape)}")
-    shape = (1,) * axis + tuple(dims) + (1,) * (x.ndim - axis - len(dims))
-    return (x * s.reshape(shape)).astype(np.float32)
+    ndim = len(x_shape)
+    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis <= ndim - len(dims) \
+            or tuple(x_shape[axis:axis + len(dims)]) != tuple(dims):
+        raise PlanError(op["name"], "app.axis", f"{axis!r}: {list(s_shape)} does not line up "
+                        f"with {list(x_shape)}")
+    return (1,) * axis + tuple(dims) + (1,) * (ndim - axis - len(dims))
 
 
 def lrn(op: dict, app: dict, x: np.ndarray) -> np.ndarray:
     """Caffe's LRN (lrn_layer.cpp): ``x / (k + alpha/n * sum of x^2 over the window)^beta``;
     the window is n channels centred on c (ACROSS_CHANNELS) or n x n pixels of the channel
     (WITHIN_CHANNEL, zero padded, the sum divided by n^2 there too)."""
-    try:
-        n, alpha = int(app["local_size"]), float(app["alpha"])
-        beta, k = float(app["beta"]), float(app.get("k", 1.0))
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(op["name"], "app", f"LRN parameters: {e}") from None
-    if n < 1 or n % 2 == 0:
-        raise PlanError(op["name"], "app.local_size", f"{n} is not a positive odd number")
+    n, alpha, beta, k, across = lrn_params(op, app)
     x = np.asarray(x, np.float64)
     half = (n - 1) // 2
     sq = x * x
-    if app.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS":
+    if across:
         padded = np.pad(sq, [(0, 0), (half, half)] + [(0, 0)] * (x.ndim - 2))
         total = sum(padded[:, i:i + x.shape[1]] for i in range(n))
         scale = k + alpha / n * total
@@ -201,11 +209,35 @@ def lrn(op: dict, app: dict, x: np.ndarray) -> np.ndarray:
     return (x / scale ** beta).astype(np.float32)
 
 
+def lrn_params(op: dict, app: dict) -> tuple[int, float, float, float, bool]:
+    """LRN's local_size (odd), alpha, beta, k, and whether the window runs across channels."""
+    try:
+        n, alpha = int(app["local_size"]), float(app["alpha"])
+        beta, k = float(app["beta"]), float(app.get("k", 1.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(op["name"], "app", f"LRN parameters: {e}") from None
+    if n < 1 or n % 2 == 0:
+        raise PlanError(op["name"], "app.local_size", f"{n} is not a positive odd number")
+    return n, alpha, beta, k, app.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS"
+
+
 def normalize(op: dict, app: dict, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """SSD's Normalize (weiliu89's normalize_layer.cpp): ``x / sqrt(sum of x^2 + eps)`` with
     the sum over the channels of each pixel (over the whole C x H x W blob when
     ``across_spatial``), times ``scale[c]`` (``scale[0]`` for every channel if
     ``channel_shared``)."""
+    x = np.asarray(x, np.float64)
+    eps, across = normalize_params(op, app, x.ndim, x.shape[1] if x.ndim > 1 else 0, scale.size)
+    axes = tuple(range(1, x.ndim)) if across else (1,)
+    s = scale.astype(np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+    with np.errstate(all="ignore"):
+        norm = np.sqrt((x * x).sum(axis=axes, keepdims=True) + float(eps))
+        return (x / norm * s).astype(np.float32)
+
+
+def normalize_params(op: dict, app: dict, ndim: int, channels: int,
+                     scales: int) -> tuple[float, bool]:
+    """Normalize's eps and across_spatial, after checking the scale file fits the channels."""
     eps = app.get("eps")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not np.isfinite(eps):
         raise PlanError(op["name"], "app.eps", f"{eps!r} is not a finite number")
@@ -214,18 +246,12 @@ def normalize(op: dict, app: dict, x: np.ndarray, scale: np.ndarray) -> np.ndarr
         if not isinstance(v, bool):
             raise PlanError(op["name"], f"app.{key}", f"{v!r} is not true or false")
     across, shared = flags
-    x = np.asarray(x, np.float64)
-    if x.ndim < 2:
-        raise PlanError(op["name"], "bottoms", f"a {x.ndim}-D blob (Normalize needs N, C, ...)")
-    c = x.shape[1]
-    if scale.size != (1 if shared else c):
-        raise PlanError(op["name"], "app.scale", f"{scale.size} values for {c} channels"
+    if ndim < 2:
+        raise PlanError(op["name"], "bottoms", f"a {ndim}-D blob (Normalize needs N, C, ...)")
+    if scales != (1 if shared else channels):
+        raise PlanError(op["name"], "app.scale", f"{scales} values for {channels} channels"
                         + (" (channel_shared: one)" if shared else ""))
-    axes = tuple(range(1, x.ndim)) if across else (1,)
-    s = scale.astype(np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
-    with np.errstate(all="ignore"):
-        norm = np.sqrt((x * x).sum(axis=axes, keepdims=True) + float(eps))
-        return (x / norm * s).astype(np.float32)
+    return float(eps), bool(across)
 
 
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -237,40 +263,51 @@ def softmax(x: np.ndarray, axis: int) -> np.ndarray:
 def eltwise(op: dict, m: dict, xs: list[np.ndarray]) -> np.ndarray:
     if m["kernel"] == "MPSCNNMultiply":
         return np.prod(np.stack(xs), axis=0).astype(np.float32)
-    scales = [m.get("primaryScale", 1.0), *m.get("secondaryScale", [])]
-    if len(scales) != len(xs):
-        raise PlanError(op["name"], "mps.secondaryScale", f"{len(scales)} scales for "
-                        f"{len(xs)} bottoms")
     acc = np.zeros(np.shape(xs[0]), np.float64)
-    for c, x in zip(scales, xs, strict=True):
-        acc += float(c) * np.asarray(x, np.float64)
+    for c, x in zip(add_scales(op, m, len(xs)), xs, strict=True):
+        acc += c * np.asarray(x, np.float64)
     return acc.astype(np.float32)
+
+
+def add_scales(op: dict, m: dict, n: int) -> list[float]:
+    """MPSCNNAdd's primaryScale and secondaryScale(s): one factor per bottom."""
+    scales = [m.get("primaryScale", 1.0), *m.get("secondaryScale", [])]
+    if len(scales) != n:
+        raise PlanError(op["name"], "mps.secondaryScale", f"{len(scales)} scales for "
+                        f"{n} bottoms")
+    return [float(c) for c in scales]
 
 
 def concat_channels(op: dict, m: dict, xs: list[np.ndarray]) -> np.ndarray:
     """Sources written into one MPSImage at their channel offsets, read back in Caffe's order."""
+    imgs = [hwc(x) for x in xs]
+    offsets, width, cmap = concat_layout(op, m, [img.shape[2] for img in imgs])
+    dest = np.zeros((*imgs[0].shape[:2], width), np.float32)
+    for o, img in zip(offsets, imgs, strict=True):
+        dest[:, :, o:o + img.shape[2]] = img
+    return nchw(dest[:, :, cmap])
+
+
+def concat_layout(op: dict, m: dict, channels: list[int]) -> tuple[list[int], int, list[int]]:
+    """Each source's destinationFeatureChannelOffset, the destination's channel count (whole
+    slices) and ``channelMap`` (the destination channel of each of Caffe's channels)."""
     offsets = m.get("destinationFeatureChannelOffsets")
     cmap = m.get("channelMap")
-    if not isinstance(offsets, list) or len(offsets) != len(xs):
+    if not isinstance(offsets, list) or len(offsets) != len(channels):
         raise PlanError(op["name"], "mps.destinationFeatureChannelOffsets",
-                        f"expected {len(xs)} offsets")
-    imgs = [hwc(x) for x in xs]
-    h, w = imgs[0].shape[:2]
+                        f"expected {len(channels)} offsets")
     end = 0
-    for o, img in zip(offsets, imgs, strict=True):
+    for o, c in zip(offsets, channels, strict=True):
         if isinstance(o, bool) or not isinstance(o, int) or o < 0 or o % SLICE:
             raise PlanError(op["name"], "mps.destinationFeatureChannelOffsets",
                             f"{o!r} is not a multiple of 4 (MPSCNNKernel.h)")
-        end = max(end, o + img.shape[2])
-    dest = np.zeros((h, w, slices(end) * SLICE), np.float32)
-    for o, img in zip(offsets, imgs, strict=True):
-        dest[:, :, o:o + img.shape[2]] = img
-    total = sum(img.shape[2] for img in imgs)
+        end = max(end, o + c)
+    width, total = slices(end) * SLICE, sum(channels)
     if not isinstance(cmap, list) or len(cmap) != total or not all(
-            isinstance(c, int) and 0 <= c < dest.shape[2] for c in cmap):
+            isinstance(c, int) and 0 <= c < width for c in cmap):
         raise PlanError(op["name"], "mps.channelMap", f"expected {total} channels of the "
-                        f"{dest.shape[2]}-channel destination")
-    return nchw(dest[:, :, cmap])
+                        f"{width}-channel destination")
+    return offsets, width, cmap
 
 
 def detections(op: dict, loc, conf, priors) -> np.ndarray:

@@ -309,7 +309,8 @@ def run(out: PathLike, *, image: PathLike | None = None, activations: str = "flo
         feed[target[0]] = load_image(spec, target[1])
         described = spec.describe(w, h, c)
     r = run_plan(Path(out), feed, activations, backend, device)
-    return Run(Path(out), r.outputs, r.detections, activations, described, be.name, be.device)
+    return Run(Path(out), r.outputs, r.detections, activations, described, be.name, be.device,
+               r.skipped)
 
 
 def _run_feed(manifest: dict, where: Path) -> tuple[dict, tuple[str, tuple]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,6 +215,12 @@ class Run:
     input: str = ""                   # what was fed (an image: how it was preprocessed)
     backend: str = "numpy"
     device: str = "cpu"
+    skipped: dict = field(default_factory=dict)
+    """Ops not run (name -> why): an op convert marked ``unavailable`` and what reads it."""
+
+    @property
+    def complete(self) -> bool:
+        return not self.skipped
 
     def render(self) -> str:
         where = "numpy" if self.backend == "numpy" else f"{self.backend} ({self.device})"
@@ -229,10 +235,14 @@ class Run:
             lines.append(f"  {len(self.detections)} detection(s):")
             lines.extend(f"    label {d['label']} score {d['score']:.4f} box "
                          f"[{', '.join(f'{b:.4f}' for b in d['box'])}]" for d in self.detections)
+        if self.skipped:
+            lines.append(f"  not run: {len(self.skipped)} op(s), so their outputs are absent:")
+            lines.extend(f"    {name}: {why}" for name, why in self.skipped.items())
         return "\n".join(lines)
 
     def to_json(self) -> str:
         import json
         return json.dumps({"outputs": {n: {"shape": list(v.shape), "data": v.reshape(-1).tolist()}
                                        for n, v in self.outputs.items()},
-                           "detections": self.detections})
+                           "detections": self.detections,
+                           "skipped": [{"op": n, "reason": w} for n, w in self.skipped.items()]})

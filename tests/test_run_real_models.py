@@ -16,10 +16,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from caffe2metal.cli import main
 from caffe2metal.pipeline import convert
 from caffe2metal.runtime import default_feed, load_plan, run_plan
+from caffe2metal.verification import fork_layers
+from caffe2metal.verification.opencv import opencv_text
 from conftest import mark_slow, model_id, opencv_run
-from test_real_models import RUNNABLE, _compared_outputs, _prepare, _runnable_copy
+from test_real_models import RUNNABLE, _compared_outputs, _drop, _prepare
 from test_run import same_detections
 
 TOL = 1e-4
@@ -33,22 +36,16 @@ SLOPE = {"Softmax": 0.5, "Sigmoid": 0.25}
 # worst measured 4.8e-5 (mobilenetv2_ssdlite's heads), the rest <= 1.8e-5.
 MLX_VS_NUMPY = 1e-4
 
-# OpenCV runs these, `run` does not: the plan has an op the numpy runtime cannot execute
-# from OUT, named here with the exact reason (checked: the run fails on that op).
-NOT_RUNNABLE = {
-    # runs, but OpenCV 4.14's native Axpy computes bottom0*bottom2 + bottom1 (Axpy is
-    # bottom0*bottom1 + bottom2): an OpenCV reference is wrong here; verify runs Axpy in
-    # numpy and checks this net's plan (test_verify's arcface case)
-    "arcface_lresnet_se": "the OpenCV reference's Axpy is wrong (see verification.fork_layers)",
-    # the priors are not SSD's PriorBox (FaceBoxes densifies anchors): no priors.dat;
-    # the PriorBox ops compute Caffe's PriorBox, DetectionOutput is `unavailable`
-    # (metal.skipped says why)
-    "faceboxes": "op 'detection_out': app.op 'unavailable' (the heads do not match the priors)",
-}
+# The reference is OpenCV with verify's numpy layers registered where OpenCV lacks a type or
+# computes it wrongly (fork_layers): arcface_lresnet_se's Axpy (OpenCV 4.14 computes
+# bottom0*bottom2 + bottom1 where Axpy is bottom0*bottom1 + bottom2).  FaceBoxes' priors are
+# not SSD's PriorBox (it densifies anchors): its PriorBox ops compute Caffe's PriorBox, and
+# its DetectionOutput is `unavailable` in the plan (metal.skipped says why): `run` skips it
+# and says so, OpenCV cannot run it either (test_real_models' DROP_DETECTION_OUTPUT).
 # Cheap enough (under ~2 s) for `make test-fast`.
 FAST = {"mobilenet_ssd"}
 
-RUN = [p for p in RUNNABLE if model_id(p) not in NOT_RUNNABLE]
+RUN = RUNNABLE
 
 
 def _rel(a, b) -> float:
@@ -82,11 +79,20 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
 
     graph, names = model.graph, model.graph.blob_names
     blobs = _blobs(graph)
-    det = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
+    det = [layer for layer in graph.layers if layer.type == "DetectionOutput"
+           and layer.type not in _drop(name)]
     wanted = [(graph.producers()[b].name, names[b]) for b in blobs]
     if det:
         wanted.append(det[0].name)
-    ref = opencv_run(_runnable_copy(model, tmp_path, "reference", name), weights, feed, wanted)
+    forks = fork_layers.plan(graph, _drop(name))
+    assert not forks.cut, forks.cut
+    with fork_layers.registered(forks):
+        proto = tmp_path / "reference.prototxt"
+        proto.write_text(opencv_text(model, _drop(name), rename=forks.rename))
+        ref = opencv_run(proto, weights, feed, wanted)
+    for r in (result, mlx):
+        assert list(r.skipped) == [layer.name for layer in graph.layers
+                                   if layer.type in _drop(name)]
 
     # the value of a file blob name is the last op's that wrote it
     file_name = manifest.get("blob_names") or {}
@@ -128,14 +134,18 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
         assert same_detections(mine, rows[rows[:, 2] > cut], coord_tol=2e-5), name
 
 
-def test_not_runnable_models_fail_on_the_op_named(tmp_path):
-    """The NOT_RUNNABLE reasons are what `run` says (the one that cannot run checked here)."""
-    from caffe2metal.runtime import PlanError
+def test_faceboxes_runs_all_but_its_detection_output(tmp_path, capsys):
+    """The op convert marked `unavailable` (and what reads it) is skipped and named: exit 3."""
     path = next((p for p in RUNNABLE if model_id(p) == "faceboxes"), None)
     if path is None:
         pytest.skip("../shared/models/faceboxes is absent")
     model, weights = _prepare(path, tmp_path)
     out = convert(model.prototxt, weights, tmp_path / "out").out
-    with pytest.raises(PlanError, match=r"op 'detection_out': app.reason: DetectionOutput "
-                       r"without SSD priors"):
-        run_plan(out)
+    result = run_plan(out)
+    assert result.skipped == {"detection_out": "DetectionOutput without SSD priors (see "
+                                                "metal.skipped)"}
+    assert set(result.outputs) == {"mbox_loc", "mbox_conf_flatten", "mbox_priorbox"}
+    assert main(["run", str(out)]) == 3
+    text = capsys.readouterr().out
+    assert text.endswith("not run: 1 op(s), so their outputs are absent:\n    detection_out: "
+                         "DetectionOutput without SSD priors (see metal.skipped)\n")

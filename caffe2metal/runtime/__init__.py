@@ -41,6 +41,11 @@ class RunOutput:
     outputs: dict[str, np.ndarray]                    # file blob name -> value
     detections: list[dict] = field(default_factory=list)
     values: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)  # unique name
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Ops not executed, by name -> why: an ``unavailable`` op (its reason, as convert wrote
+    it) and every op reading what such an op would have computed."""
+    lost: dict[str, str] = field(default_factory=dict, repr=False)
+    """The blobs those ops would have written (unique name -> why)."""
 
 
 class _Values(Mapping):
@@ -132,6 +137,8 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
         values[name] = be.from_numpy(np.asarray(x, np.float32))
     read: set[str] = set()
     rows = None
+    skipped: dict[str, str] = {}
+    lost: dict[str, str] = {}
     for i, op in enumerate(manifest["plan"]):
         if not isinstance(op, dict) or not isinstance(op.get("name"), str):
             raise PlanError(f"#{i}", "name", "an op without a name")
@@ -139,6 +146,13 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
             if not isinstance(op.get(key), list) or not all(isinstance(b, str)
                                                             for b in op[key]):
                 raise PlanError(op["name"], key, "is not a list of blob names")
+        after = next((lost[b] for b in op["bottoms"] if b in lost), None)
+        app: dict = op["app"] if isinstance(op.get("app"), dict) else {}
+        if after is not None or app.get("op") == "unavailable":
+            skipped[op["name"]] = after or str(app.get("reason"))
+            downstream = after or f"after op {op['name']!r}: {app.get('reason')}"
+            lost.update((t, downstream) for t in op["tops"])
+            continue
         missing = [b for b in op["bottoms"] if b not in values]
         if missing:
             raise PlanError(op["name"], "bottoms", f"{missing[0]!r} is not computed before "
@@ -161,11 +175,12 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
             rows = be.to_numpy(ys[0])
     names = manifest.get("blob_names") or {}
     produced = [t for op in manifest["plan"] for t in op["tops"]]
-    outputs = {names.get(t, t): be.to_numpy(values[t]) for t in produced if t not in read}
+    outputs = {names.get(t, t): be.to_numpy(values[t]) for t in produced
+               if t not in read and t in values}
     dets = [] if rows is None else [
         {"label": int(r[1]), "score": float(r[2]), "box": [float(v) for v in r[3:7]]}
         for r in rows.reshape(-1, 7) if r[1] >= 0]
-    return RunOutput(outputs, dets, _Values(values, be.to_numpy))
+    return RunOutput(outputs, dets, _Values(values, be.to_numpy), skipped, lost)
 
 
 def _execute(op: dict, xs: list, out: Path, entries: dict, ssd: dict, be) -> list:
@@ -236,8 +251,6 @@ def _app(op: dict, app: dict, xs: list, out: Path, ssd: dict, be) -> list:
     if kind == "normalize":
         scale = _array(out, app.get("scale"), name).reshape(-1).astype(np.float32)
         return [be.normalize(op, app, xs[0], scale)]
-    if kind == "unavailable":
-        raise PlanError(name, "app.reason", str(app.get("reason")))
     # in numpy whatever the backend: SSD's decoder and NMS (app code on the CPU), and the
     # fork layers' numpy forward roles
     if kind == "detection_output":

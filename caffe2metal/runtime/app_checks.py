@@ -16,8 +16,10 @@ class _AppChecks(_OpBase):
         kind = app.get("op")
         if not isinstance(kind, str):
             self.fail("app.op", f"{_short(kind)} is not a string")
-        if kind == "unavailable":
-            self.fail("app.reason", str(app.get("reason")))
+        if kind == "unavailable":       # run skips it and what reads it (RunOutput.skipped)
+            if not isinstance(app.get("reason"), str):
+                self.fail("app.reason", f"{_short(app.get('reason'))} is not a string")
+            return None
         if kind == "none":
             return []
         if kind == "constant":

@@ -300,7 +300,12 @@ def _run(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: st
         for _ in range(len(plan) + 1):
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    return run_plan(where, feed, activations), cut, None
+                    result = run_plan(where, feed, activations)
+                for op, why in result.skipped.items():      # `unavailable` ops, as convert
+                    cut.setdefault(op, f"not in the plan: {why}")     # marked them
+                for blob, why in result.lost.items():
+                    cut.setdefault(blob, f"not in the plan: {why}")
+                return result, cut, None
             except PlanError as e:
                 failed = next((op for op in plan if isinstance(op, dict)
                                and str(e).startswith(f"op {op.get('name')!r}: ")), None)

@@ -6,7 +6,7 @@ Python API (``caffe2metal.api``), one function per command::
     convert(prototxt, caffemodel=None, out=None, *, dtype="float32", naming="apple",
             metal=True, verify=False) -> Conversion
     verify(prototxt, caffemodel, out, *, image=None, seed=0) -> Verification
-    run(out, *, image=None, activations="float32") -> Run
+    run(out, *, image=None, activations="float32", backend="numpy", device=None) -> Run
     compare(dir_a, dir_b) -> DirectoryComparison
     example(directory) -> Example
 
@@ -77,11 +77,13 @@ def verify(prototxt, caffemodel, out, *, image=None, seed=0, mean=None, scale=No
                          activations=activations)
 
 
-def run(out, *, image=None, activations="float32"):
+def run(out, *, image=None, activations="float32", backend="numpy", device=None):
     """Execute ``out``'s execution plan from ``out`` alone (manifest.json and metal/) on
-    ``image`` preprocessed as the manifest records, else verify's random input.
-    Returns a ``Run`` (net outputs by blob name, SSD detections)."""
-    return _api().run(out, image=image, activations=activations)
+    ``image`` preprocessed as the manifest records, else verify's random input, with
+    ``backend`` "numpy" or "mlx" (Apple's MLX; ``device`` "cpu" or "gpu").
+    Returns a ``Run`` (net outputs by blob name, SSD detections, ops not run)."""
+    return _api().run(out, image=image, activations=activations, backend=backend,
+                      device=device)
 
 
 def compare(dir_a, dir_b):

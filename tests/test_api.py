@@ -138,6 +138,8 @@ def test_run_and_verify_with_float16_activations(built, tmp_path, capsys):
     assert isinstance(ran, caffe2metal.Run) and ran.outputs
     status, out = _cli(capsys, "run", a.out)
     assert (status, out) == (0, ran.render() + "\n")
+    on_mlx = caffe2metal.run(a.out, backend="mlx", device="cpu")
+    assert on_mlx.backend == "mlx" and on_mlx.outputs.keys() == ran.outputs.keys()
     half = caffe2metal.run(a.out, activations="float16")
     assert half.activations == "float16" and half.outputs.keys() == ran.outputs.keys()
 

@@ -310,7 +310,7 @@ def run(out: PathLike, *, image: PathLike | None = None, activations: str = "flo
         described = spec.describe(w, h, c)
     r = run_plan(Path(out), feed, activations, backend, device)
     return Run(Path(out), r.outputs, r.detections, activations, described, be.name, be.device,
-               r.skipped)
+               r.skipped, r.overflow)
 
 
 def _run_feed(manifest: dict, where: Path) -> tuple[dict, tuple[str, tuple]]:

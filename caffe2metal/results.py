@@ -217,6 +217,8 @@ class Run:
     device: str = "cpu"
     skipped: dict = field(default_factory=dict)
     """Ops not run (name -> why): an op convert marked ``unavailable`` and what reads it."""
+    overflow: dict = field(default_factory=dict)
+    """float16 activations: MPS ops whose output exceeds 65504 (name -> max |value|)."""
 
     @property
     def complete(self) -> bool:
@@ -235,6 +237,12 @@ class Run:
             lines.append(f"  {len(self.detections)} detection(s):")
             lines.extend(f"    label {d['label']} score {d['score']:.4f} box "
                          f"[{', '.join(f'{b:.4f}' for b in d['box'])}]" for d in self.detections)
+        if self.overflow:
+            worst = max(self.overflow, key=lambda n: self.overflow[n])
+            lines.append(f"  float16 overflow: {len(self.overflow)} MPS op(s) compute values "
+                         f"beyond float16's 65504 (inf in a float16 MPSImage), the first "
+                         f"{next(iter(self.overflow))!r}, the largest {worst!r} "
+                         f"({self.overflow[worst]:.3g})")
         if self.skipped:
             lines.append(f"  not run: {len(self.skipped)} op(s), so their outputs are absent:")
             lines.extend(f"    {name}: {why}" for name, why in self.skipped.items())
@@ -245,4 +253,6 @@ class Run:
         return json.dumps({"outputs": {n: {"shape": list(v.shape), "data": v.reshape(-1).tolist()}
                                        for n, v in self.outputs.items()},
                            "detections": self.detections,
-                           "skipped": [{"op": n, "reason": w} for n, w in self.skipped.items()]})
+                           "skipped": [{"op": n, "reason": w} for n, w in self.skipped.items()],
+                           "float16_overflow": [{"op": n, "max_abs": v}
+                                                for n, v in self.overflow.items()]})

@@ -97,6 +97,26 @@ def test_activations_float16_rounds_every_mps_output(example):
         assert 0 < rel <= 2e-2, (name, rel)              # measured 2.7e-3, 1.1e-2
 
 
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_float16_overflow_is_reported(example, backend):
+    """An input 1e5 times verify's drives conv0 beyond float16's 65504: each MPS op that
+    overflows is named with its largest value (inf in a float16 MPSImage)."""
+    from caffe2metal.results import Run
+    from caffe2metal.runtime import default_feed, load_plan
+    _, outs = example
+    feed = {k: v * 1e5 for k, v in default_feed(load_plan(outs["float32"])).items()}
+    plain = run_plan(outs["float32"], feed, backend=backend)
+    assert plain.overflow == {}                          # float32 activations: nothing to say
+    r = run_plan(outs["float32"], feed, activations="float16", backend=backend)
+    assert next(iter(r.overflow)) == "conv0"
+    biggest = float(np.abs(plain.values["conv0#2"]).max())
+    assert biggest > 65504 and r.overflow["conv0"] == pytest.approx(biggest, rel=1e-5)
+    assert np.isinf(r.values["conv0#2"]).any() and not np.isinf(plain.values["conv0#2"]).any()
+    text = Run(outs["float32"], r.outputs, r.detections, "float16", overflow=r.overflow).render()
+    assert f"float16 overflow: {len(r.overflow)} MPS op(s) compute values beyond float16's " \
+           "65504 (inf in a float16 MPSImage), the first 'conv0'" in text
+
+
 def test_run_cli_prints_json_with_detections(example, capsys):
     _, outs = example
     assert main(["run", str(outs["float32"]), "--json"]) == 0

@@ -208,8 +208,9 @@ def test_cli_json_has_the_numpy_backends_format(example, capsys):
     assert main(["run", str(outs["float32"]), "--json", "--backend", "mlx",
                  "--device", "cpu"]) == 0
     mlx = json.loads(capsys.readouterr().out)
-    assert mlx.keys() == numpy.keys() == {"outputs", "detections", "skipped"}
-    assert mlx["skipped"] == numpy["skipped"] == []
+    assert mlx.keys() == numpy.keys() == {"outputs", "detections", "skipped",
+                                          "float16_overflow"}
+    assert mlx["skipped"] == numpy["skipped"] == mlx["float16_overflow"] == []
     assert {n: v["shape"] for n, v in mlx["outputs"].items()} == \
         {n: v["shape"] for n, v in numpy["outputs"].items()}
     assert [set(d) for d in mlx["detections"]] == [set(d) for d in numpy["detections"]]

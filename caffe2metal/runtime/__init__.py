@@ -31,6 +31,7 @@ from .checks import check_plan
 from .ops import PlanError
 
 ACTIVATIONS = ("float32", "float16")
+FLOAT16_MAX = 65504.0           # IEEE 754 binary16's largest finite value
 _NP = {"float32": "<f4", "float16": "<f2"}
 __all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "PlanError", "RunOutput", "default_feed",
            "load_plan", "run_plan", "select"]
@@ -46,6 +47,9 @@ class RunOutput:
     it) and every op reading what such an op would have computed."""
     lost: dict[str, str] = field(default_factory=dict, repr=False)
     """The blobs those ops would have written (unique name -> why)."""
+    overflow: dict[str, float] = field(default_factory=dict)
+    """With float16 activations: MPS ops whose output exceeds float16's largest finite value
+    (65504), name -> max |value| before rounding (stored as inf in a float16 MPSImage)."""
 
 
 class _Values(Mapping):
@@ -123,7 +127,8 @@ def run_plan(out, feed: dict[str, np.ndarray] | None = None, activations: str = 
         raise Caffe2MetalError(f"--activations {activations!r}: use float32 or float16")
     be = select(backend, device)
     manifest = load_plan(out)
-    with be.context():
+    # inf and NaN are values like any other here (float16 overflow is reported by name)
+    with be.context(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _walk(out, manifest, default_feed(manifest) if feed is None else feed,
                      activations, be)
 
@@ -139,6 +144,7 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
     rows = None
     skipped: dict[str, str] = {}
     lost: dict[str, str] = {}
+    overflow: dict[str, float] = {}
     for i, op in enumerate(manifest["plan"]):
         if not isinstance(op, dict) or not isinstance(op.get("name"), str):
             raise PlanError(f"#{i}", "name", "an op without a name")
@@ -170,6 +176,10 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
             raise PlanError(op["name"], "tops", f"{len(op['tops'])} tops for {len(ys)} values")
         for top, y in zip(op["tops"], ys, strict=True):
             rounded = activations == "float16" and "mps" in op
+            if rounded and op["name"] not in overflow:
+                largest = be.absmax(y)
+                if largest > FLOAT16_MAX:
+                    overflow[op["name"]] = largest
             values[top] = be.round16(y) if rounded else y
         if (op.get("app") or {}).get("op") == "detection_output":
             rows = be.to_numpy(ys[0])
@@ -180,7 +190,7 @@ def _walk(out: Path, manifest: dict, feed: dict[str, np.ndarray], activations: s
     dets = [] if rows is None else [
         {"label": int(r[1]), "score": float(r[2]), "box": [float(v) for v in r[3:7]]}
         for r in rows.reshape(-1, 7) if r[1] >= 0]
-    return RunOutput(outputs, dets, _Values(values, be.to_numpy), skipped, lost)
+    return RunOutput(outputs, dets, _Values(values, be.to_numpy), skipped, lost, overflow)
 
 
 def _execute(op: dict, xs: list, out: Path, entries: dict, ssd: dict, be) -> list:

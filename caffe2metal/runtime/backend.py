@@ -38,6 +38,9 @@ class NumpyBackend:
     def weights(self, a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32)
 
+    def absmax(self, v: np.ndarray) -> float:
+        return float(np.abs(v).max()) if v.size else 0.0
+
     def round16(self, v: np.ndarray) -> np.ndarray:
         return v.astype(np.float16).astype(np.float32)
 

@@ -91,6 +91,9 @@ class MlxBackend:
     def weights(self, a: np.ndarray) -> mx.array:
         return mx.array(a)                 # float16 files stay float16 (see the module doc)
 
+    def absmax(self, v: Blob) -> float:
+        return float(np.asarray(mx.abs(v.a).max())) if v.a.size else 0.0
+
     def round16(self, v: Blob) -> Blob:
         return Blob(v.a.astype(mx.float16).astype(mx.float32), v.nhwc)
 

@@ -146,7 +146,7 @@ def test_run_and_verify_with_float16_activations(built, tmp_path, capsys):
     check = caffe2metal.verify(built.prototxt, None, a.out, activations="float16")
     assert check.ok and check.report.plan_activations == "float16"
     values = [r for r in check.plan if r.counted]
-    assert values and all(r.tolerance >= 0.1 and 1e-5 < r.rel < 0.1 for r in values)
+    assert values and all(r.tolerance >= 0.2 and 1e-5 < r.rel < 0.1 for r in values)
     assert "numpy MPS model, float16 activations" in check.render()
     status, out = _cli(capsys, "verify", built.prototxt, a.out, "--activations", "float16")
     assert (status, out) == (0, check.render() + "\n")

@@ -19,7 +19,7 @@ import pytest
 from caffe2metal.cli import main
 from caffe2metal.pipeline import convert
 from caffe2metal.runtime import default_feed, load_plan, run_plan
-from caffe2metal.verification import fork_layers
+from caffe2metal.verification import PLAN_TOLERANCE, fork_layers
 from caffe2metal.verification.opencv import opencv_text
 from conftest import mark_slow, model_id, opencv_run
 from test_real_models import RUNNABLE, _compared_outputs, _drop, _prepare
@@ -116,6 +116,7 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
         rel = _rel(runs["mlx"][b], runs["numpy"][b])
         tol = allowed(b, MLX_VS_NUMPY, runs["mlx"], runs["numpy"])
         assert rel <= tol, f"{name}: {names[b]}: mlx vs numpy {rel:.3g} > {tol:.3g}"
+    _float16(name, model, weights, tmp_path, feed, blobs, refs, graph, last)
     if det:
         rows = ref[-1].reshape(-1, 7)          # OpenCV pads with zero rows of label 0
         background = manifest["ssd"]["detection_output"]["background_label_id"]
@@ -132,6 +133,28 @@ def test_run_matches_opencv_on_real_architectures(path, tmp_path):
         assert len(mlx.detections) == len(rows), name
         mine = [d for d in mlx.detections if d["score"] > cut]
         assert same_detections(mine, rows[rows[:, 2] > cut], coord_tol=2e-5), name
+
+
+def _float16(name, model, weights, tmp_path, feed, blobs, refs, graph, last):
+    """float16 weight files, and float16 activations, held to verify's float16 plan
+    tolerance on every compared blob that no Softmax/Sigmoid computes (those follow their
+    logits: see above); `python -m tools.precision` measured the worst at 0.10.  An
+    activation beyond float16's range is reported by name, and only there may a blob be
+    inf (vgg_ssd300's synthetic heads reach 3e7)."""
+    tol = PLAN_TOLERANCE["float16"]
+    names = graph.blob_names
+    out16 = convert(model.prototxt, weights, tmp_path / "out16", dtype="float16").out
+    for label, r in (("float16 weights", run_plan(out16, feed)),
+                     ("float16 activations", run_plan(tmp_path / "out", feed,
+                                                      activations="float16"))):
+        for b in blobs:
+            if _squashing(graph, b) is not None:
+                continue
+            mine = np.asarray(r.values[last[names[b]]]).reshape(refs[b].shape)
+            if r.overflow and not np.isfinite(mine).all():
+                continue
+            rel = _rel(mine, refs[b])
+            assert rel <= tol, f"{name}: {names[b]}: {label} rel {rel:.3g} > {tol}"
 
 
 def test_faceboxes_runs_all_but_its_detection_output(tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_float16_plan_rows_use_the_measured_tolerance(example):
     heads = {r.name: r for r in check.plan[:3]}
     assert list(heads) == ROWS
     for r in heads.values():
-        assert r.counted and r.tolerance >= PLAN_TOLERANCE["float16"] == 1e-1
+        assert r.counted and r.tolerance >= PLAN_TOLERANCE["float16"] == 2e-1
     assert 1e-3 < heads["mbox_loc"].rel <= 3e-2             # measured 1.6e-2
     assert 1e-2 < heads["mbox_conf_flatten"].rel <= 1e-1     # measured 7.1e-2
     det = check.plan[3]

@@ -29,18 +29,23 @@ Tolerances
     * float32 weight files: 1e-4, as every float32 row (measured on the built-in
       example: mbox_loc 6.3e-6, mbox_conf_flatten 2.7e-5; detections equal as sets,
       worst score difference 1.8e-7, worst IoU 0.9998).
-    * float16 weight files: 1e-1.  Each weight is rounded to 11 significant bits
-      (2^-11 relative, the per-layer rows hold each layer to 2e-3); run end to end
-      those roundings compound through every layer: measured on the built-in example
-      (30 layers deep, synthetic weights, random input; ``tests/test_run.py``)
-      mbox_loc 1.6e-2 and the softmaxed mbox_conf_flatten 7.1e-2.  1e-1 leaves 1.4x
-      headroom over the worst of those; what the row catches at that tolerance is a
-      plan that computes something else (a wrong op, wiring, geometry or constant:
-      rel ~1), while the files themselves are held to 2e-3 layer by layer above.
-      The detection sets are then not expected to be equal: near-tied scores reorder
-      across keep_top_k and NMS (measured: 16 of 100 detections equal as sets, the
-      counts equal), so with float16 weights the ``detections`` row is shown for
-      information (status ``info``), not counted.
+    * float16 weight files (or ``activations="float16"``): 2e-1.  Each weight is
+      rounded to 11 significant bits (the per-layer rows hold each layer's files to
+      2e-3); run end to end those roundings compound through every layer, by as much
+      as the network amplifies any weight error of that size.  Measured with
+      ``python -m tools.precision`` (the example and 17 real architectures, synthetic
+      weights, verify's input; rows held to the tolerance itself, i.e. before a
+      Softmax/Sigmoid): worst 0.10 (mobilenetv2_ssdlite's logits), then 0.050
+      (ArcFace), 0.048 (ERFNet), 0.038; a random perturbation of every weight by
+      up to 2^-12 relative (float16's rounding size) moves the same rows by 0.077,
+      0.065, 0.057, 0.031: the gap is the network's sensitivity, not the files or
+      the plan.  float16 activations alone: worst 0.019.  2e-1 leaves 2x headroom
+      over the worst; what the row must catch, a plan that computes something else
+      (a wrong op, wiring, geometry or constant), measured 0.5 to 1 (tests/test_plan.py,
+      test_verify_plan.py), stays above it.  The detection sets are then not expected
+      to be equal: near-tied scores reorder across keep_top_k and NMS (measured: 16
+      of 100 detections equal as sets on the example, the counts equal), so the
+      ``detections`` row is shown for information (status ``info``), not counted.
 
 An op the runtime cannot execute (a ``PlanError``: an app op it has no numpy
 implementation for, a field it cannot use) is cut out of the run with everything
@@ -62,7 +67,7 @@ import numpy as np
 from ..graph import Graph
 from .report import Report, Row, _measure
 
-PLAN_TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 1e-1}
+PLAN_TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 2e-1}
 SCORE_TOLERANCE = 1e-3
 MIN_IOU = 0.99
 

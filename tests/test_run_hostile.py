@@ -100,6 +100,36 @@ def _kernel_not_weights(m, out):
     _op(m, "conv1")["mps"]["kernelSize"] = {"x": 3, "y": 3}
 
 
+def _as_caffe(op: dict, caffe_type: str, params: dict) -> None:
+    op.pop("mps", None)
+    op["app"] = {"op": caffe_type.lower(), "caffe_type": caffe_type, "params": params}
+
+
+def _huge_tile(m, out):                # a 2^40-fold copy of conv0's output
+    _as_caffe(_op(m, "conv0/relu"), "Tile", {"tile_param": {"axis": 1, "tiles": 2**40}})
+
+
+def _argmax_top_k(m, out):
+    _as_caffe(_op(m, "conv0/relu"), "ArgMax", {"argmax_param": {"axis": 1, "top_k": 9}})
+
+
+def _crop_outside(m, out):             # crop conv0 to conv1/dw's size, 5 rows down: outside
+    op = _op(m, "conv0/relu")
+    op["bottoms"] = ["conv0#2", "conv0#2"]
+    _as_caffe(op, "Crop", {"crop_param": {"axis": 2, "offset": 5}})
+
+
+def _priors_absurd(m, out):            # 361 cells x 5000 sizes x 41 ratios: 7.4e7 priors
+    op = next(o for o in m["plan"] if o.get("type") == "PriorBox")
+    _as_caffe(op, "PriorBox", {"prior_box_param": {
+        "min_size": [1.0] * 5000, "aspect_ratio": [float(r) for r in range(2, 22)]}})
+
+
+def _unavailable_without_reason(m, out):
+    _op(m, "conv0/relu")["app"] = {"op": "unavailable", "reason": 7}
+    _op(m, "conv0/relu").pop("mps", None)
+
+
 def _weights_escape(m, out):
     _entry(m, "conv1")["weights"]["file"] = "../../../etc/passwd"
 
@@ -122,6 +152,11 @@ CASES = {
     "non_dict_op": (_non_dict_op, "#3", "name"),
     "unknown_kernel": (_unknown_kernel, "conv0/relu", "mps.kernel"),
     "duplicate_top": (_duplicate_top, "conv1/dw/relu", "tops"),
+    "huge_tile": (_huge_tile, "conv0/relu", "shapes.conv0#3"),
+    "argmax_top_k_beyond_the_axis": (_argmax_top_k, "conv0/relu", "app.params"),
+    "crop_outside_the_input": (_crop_outside, "conv0/relu", "app.params"),
+    "absurd_prior_count": (_priors_absurd, "conv8_mbox_priorbox", "app.params"),
+    "unavailable_without_a_reason": (_unavailable_without_reason, "conv0/relu", "app.reason"),
 }
 
 

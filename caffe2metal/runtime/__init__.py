@@ -84,7 +84,8 @@ def _array(out: Path, spec, owner: str) -> np.ndarray:
                         f"{dtype}")
     if spec.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
         raise PlanError(owner, "file", f"{rel} does not match its sha256")
-    return np.frombuffer(data, _NP[dtype]).reshape(shape).astype(np.float32)
+    # read-only; float32 files are used as read (no second copy of fc6's 411 MB)
+    return np.frombuffer(data, _NP[dtype]).reshape(shape).astype(np.float32, copy=False)
 
 
 def run_plan(out, feed: dict[str, np.ndarray] | None = None,

@@ -177,8 +177,10 @@ def _forward(graph: Graph, net: cv2.dnn.Net, feed: dict[str, np.ndarray], blobs:
         for name, x in feed.items():
             net.setInput(x, name)
         try:
-            return [[np.array(o, np.float32) for o in outs]
-                    for outs in net.forwardAndRetrieve(names)]
+            got = [list(outs) for outs in net.forwardAndRetrieve(names)]
+            # copied (a later pass may reuse OpenCV's memory), each released once copied
+            return [[np.array(got[i].pop(0), np.float32) for _ in range(len(got[i]))]
+                    for i in range(len(got))]
         except cv2.error as e:
             raise VerificationUnavailable(f"OpenCV cannot run this model: {_cv_message(e)}",
                                    file=graph.source) from None

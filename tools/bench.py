@@ -47,7 +47,7 @@
    * ``caffe2metal convert vgg16_bn.prototxt --verify``: wall time and peak
      RSS against issue 11's targets (<= 15 s, <= 2x the caffemodel), after one
      untimed run; and OpenCV alone reading the VGG caffemodel and running one
-     forward pass as verify runs it (fusion and Winograd off): the peak memory
+     forward pass as verify runs it (fusion off): the peak memory
      an in-process OpenCV reference needs, which verify cannot go below.
 
    Wall times on a busy machine drift: the load average at the start and every
@@ -338,8 +338,8 @@ sys.exit(main(sys.argv[1:]))
 
 # OpenCV on its own, as a process: read the Caffe model from its files, feed the inputs
 # saved in an .npz, one forward pass of every net output; prints the forward's seconds.
-# "verify" runs it as verify does (fusion and Winograd off: what verify's peak memory
-# cannot go below), "default" as an app would (OpenCV's defaults: its fastest).
+# "verify" runs it as verify does (fusion off: what verify's peak memory cannot go below),
+# "default" as an app would (OpenCV's defaults: its fastest).
 _OPENCV = """
 import sys, time
 import cv2
@@ -350,7 +350,6 @@ net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
 net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
 if mode == "verify":
     net.enableFusion(False)
-    net.enableWinograd(False)
 inputs = np.load(feed)
 for name in inputs.files:
     net.setInput(inputs[name], name)
@@ -589,7 +588,7 @@ def _verify_rows(label: str, size: int, runs: list[Run], opencv: list[Run]) -> l
             f"<= {VERIFY_RSS_RATIO:g}x caffemodel ({VERIFY_RSS_RATIO * size / mb:.0f} MiB)",
             rss / size, rss <= VERIFY_RSS_RATIO * size),
         Row(f"OpenCV alone: read {label} from its file, one forward pass as verify runs it "
-            "(fusion, Winograd off), peak RSS (median)", f"{cv_rss / mb:.0f} MiB",
+            "(fusion off), peak RSS (median)", f"{cv_rss / mb:.0f} MiB",
             "reference: verify's floor", cv_rss / size, None),
     ]
 

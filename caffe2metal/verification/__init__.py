@@ -1,7 +1,7 @@
 """`caffe2metal verify` and `caffe2metal compare`: prove what `convert` wrote.
 
 verify, layer by layer
-    The original model runs once in OpenCV (fusion and Winograd off) on one input: the
+    The original model runs once in OpenCV (fusion off) on one input: the
     ``--image`` (``cv2.imread``, resized to the declared input size, float32
     NCHW, BGR, no mean subtraction) or a deterministic uniform [-1, 1) input.
     For every entry of ``manifest.json``'s ``layers`` the weights and bias are
@@ -26,8 +26,7 @@ verify, end to end
 Measure and tolerance
     rel = max |diff| / max |ref| per layer (per output).
     * float32 weights: 1e-4 (measured: <= 1.2e-5, mostly ~3e-7; the largest
-      values came from OpenCV's Winograd 3x3 convolutions, which verify turns off:
-      VGG16-BN's worst row went from 7.9e-6 to 1.2e-6).
+      values come from OpenCV's Winograd 3x3 convolutions).
     * float16 weights: 2e-3.  Rounding a weight to half changes it by at most
       2^-11 = 4.9e-4 relative.  An output sums K such errors with random
       signs, ~2^-11/sqrt(3) * ||w*x|| against outputs of ~||w*x||, so the

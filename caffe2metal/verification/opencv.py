@@ -94,7 +94,7 @@ def opencv_net(prototxt_text: str, model: bytes | Path, fusion: bool = False) ->
 
 def _opencv(prototxt_text: str, caffemodel: Path) -> cv2.dnn.Net:
     """verify's run of a model in OpenCV (fusion off).  OpenCV's Winograd 3x3 convolutions
-    stay on although they cost VGG16-BN 430 MiB more memory and round 50x more per layer
+    stay on although they cost VGG16-BN ~340 MiB more memory and round 50x more per layer
     (measured: 2e-5 against 4e-7): without them the plan run of the arcface LResNet (synthetic
     weights) ends 1.4e-4 from OpenCV instead of 1.5e-5, above the 1e-4 every float32 row is
     held to, and the tolerances are not this change's to move."""

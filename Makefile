@@ -39,8 +39,9 @@ else
 	$(BIN)/caffe2metal convert build/example/mobilenet_ssd_example.prototxt $(if $(OUT),-o $(OUT)) --verify
 endif
 
-# Speed report of issue 5 (VGG16-BN vs the I/O floor, MobileNet-SSD start-up); builds its
-# models once under build/bench/ and writes build/bench/latest.md.
+# Speed report of issues 5 and 11 (VGG16-BN convert vs the I/O floor, convert --verify's time
+# and memory, MobileNet-SSD start-up and `run` vs OpenCV); builds its models once under
+# build/bench/ and writes build/bench/latest.md.
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench
 

@@ -130,8 +130,10 @@ def convert(prototxt: PathLike, caffemodel: PathLike | None = None, out: PathLik
             from .verification.inputs import manifest_image_input
             spec = manifest_image_input(spec.path, done.manifest)   # e.g. the transform_param
         try:
+            # the model convert read and checked: not read again, and its blobs released
+            # before OpenCV loads its own copy (peak memory)
             checked = _verify(prototxt, done.model.caffemodel, done.out, image=spec, seed=seed,
-                              input_shapes=shapes)
+                              input_shapes=shapes, model=done.model)
         except Caffe2MetalError as e:       # OUT is complete: never reported as bad input
             error = str(e)
     metal_part = done.manifest.get("metal") or {}
@@ -234,14 +236,15 @@ def check_convert_options(prototxt: PathLike, *, image: PathLike | None = None, 
 
 
 def _verify(prototxt, caffemodel, out, *, image=None, seed=0,
-            input_shapes=None, activations: str = "float32") -> Verification:
+            input_shapes=None, activations: str = "float32", model=None) -> Verification:
     # imported when called: verify brings in numpy (0.15 s, -X importtime), and OpenCV
     # (0.08 s more) at its first forward pass
     from .pipeline import default_weights
     from .verification import verify as run
     try:
         report = run(prototxt, caffemodel or default_weights(prototxt), out, image=image,
-                     seed=seed, input_shapes=input_shapes, activations=activations)
+                     seed=seed, input_shapes=input_shapes, activations=activations,
+                     model=model)
     except (ImportError, MemoryError) as e:
         raise VerificationUnavailable(f"{type(e).__name__}: {e}") from None
     except Exception as e:          # noqa: BLE001  an OpenCV error no check turned into ours

@@ -156,6 +156,34 @@ def test_report_tables():
     assert "I/O floor 0.500 (I/O alone" in md
 
 
+def _runs(*figures):
+    return [bench.Run(wall, 1.0, rss, f"{forward}\n") for wall, rss, forward in figures]
+
+
+def test_verify_rows_hold_convert_verify_to_the_targets_of_issue_11():
+    size = 500 << 20
+    # medians: 14 s and 999 MiB (< 1000 MiB = 2x) pass; OpenCV alone is a reference
+    ok = bench._verify_rows("VGG", size, _runs((13, 900 << 20, 0), (14, 999 << 20, 0),
+                                               (30, 3000 << 20, 0)),
+                            _runs((2, 1200 << 20, 0.9)))
+    assert [r.ok for r in ok] == [True, True, None]
+    assert ok[0].figure == "VGG `convert --verify` wall (median)" and ok[0].value == "14.000 s"
+    assert ok[0].target == "<= 15 s" and ok[0].ratio == pytest.approx(14 / 15)
+    assert ok[1].target == "<= 2x caffemodel (1000 MiB)"
+    assert ok[1].ratio == pytest.approx(999 / 500)
+    assert ok[2].value == "1200 MiB" and ok[2].ratio == pytest.approx(1200 / 500)
+    slow = bench._verify_rows("VGG", size, _runs((16, 1001 << 20, 0)), _runs((2, 1, 0)))
+    assert [r.ok for r in slow[:2]] == [False, False]
+
+
+def test_run_row_is_a_ratio_to_opencv_on_the_same_machine():
+    cv, run = bench._run_rows(_runs((2.0, 0, 0), (3.0, 0, 0), (1.0, 0, 0)),
+                              _runs((0.5, 0, 9), (1.0, 0, 0.5), (0.7, 0, 0.4)))
+    assert cv.value == "0.700 s" and cv.ratio is None and "forward alone 0.500 s" in cv.target
+    assert run.value == "2.000 s" and run.ratio == pytest.approx(2.0 / 0.7) and run.ok is None
+    assert "`caffe2metal run OUT`" in run.figure
+
+
 @pytest.mark.slow
 def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     """The whole `make bench` flow (figures meaningless at this size)."""
@@ -165,6 +193,18 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     assert "I/O floor" in p.stdout and "peak RSS" in p.stdout and "sha256 as a no-op" in p.stdout
     md = (tmp_path / "latest.md").read_text()
     assert md.count("| ") > 10 and ("PASS" in md or "MISS" in md)
+    # issue 11's rows: run on MobileNet-SSD against OpenCV, convert --verify with its targets
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
+            if line.startswith("| ")}
+    run_row = rows["MobileNet-SSD `caffe2metal run OUT` (numpy, process; median)"]
+    assert run_row[3].endswith("x")                               # a ratio to OpenCV
+    assert any(k.startswith("OpenCV on the original MobileNet-SSD") for k in rows)
+    wall = rows["vgg_tiny `convert --verify` wall (median)"]
+    rss = rows["vgg_tiny `convert --verify` peak RSS (median)"]
+    assert wall[2] == "<= 15 s" and wall[4].strip(" |") in ("PASS", "MISS")
+    assert rss[2].startswith("<= 2x caffemodel") and rss[4].strip(" |") in ("PASS", "MISS")
+    assert any(k.startswith("OpenCV alone: read vgg_tiny") for k in rows)
+    assert "`convert --verify`" in p.stdout and "`caffe2metal run OUT`" in p.stdout
 
 
 # ---------------------------------------------------------------- lean convert path

@@ -286,6 +286,25 @@ def test_opencv_depthwise_defect_is_recognised_not_masked(tmp_path):
     assert not report.ok and [r.name for r in report.layers if not r.ok] == ["dw"]
 
 
+def test_verify_reuses_converts_model_and_releases_its_blobs(tmp_path):
+    """convert --verify hands verify the model convert read: the same report as reading it
+    again, the model's blobs released (not held while OpenCV runs), and Caffe's reference
+    (the second opinion on OpenCV's defect: fc2's transpose, deterministic) still computed
+    from the original blobs."""
+    from caffe2metal.net.reader import read_model
+    proto, weights = write_net(tmp_path, net_text(FC_NET, (1, 4, 9, 7)))
+    convert(proto, weights, tmp_path / "out")
+    model = read_model(proto, weights)
+    assert any(layer.blobs for layer in model.graph.layers)
+    reused = verify(proto, weights, tmp_path / "out", model=model)
+    assert all(layer.blobs == [] for layer in model.graph.layers)
+    fresh = verify(proto, weights, tmp_path / "out")
+    assert [(r.name, r.counted, r.ok, r.rel, r.note) for r in reused.rows] == \
+        [(r.name, r.counted, r.ok, r.rel, r.note) for r in fresh.rows]
+    assert reused.ok and "OpenCV defect" in next(r for r in reused.layers
+                                                 if r.name == "fc2").note
+
+
 # ---------------------------------------------------------------- real architectures
 
 # every architecture OpenCV 4.x runs; the size is the smallest square input its shape

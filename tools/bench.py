@@ -1,4 +1,4 @@
-"""`make bench`: how fast `convert` is, against the disk, in one run.
+"""`make bench`: how fast `convert`, `convert --verify` and `run` are, in one run.
 
 ``python -m tools.bench [--runs N] [--dir build/bench]``
 
@@ -39,7 +39,16 @@
      around ``cli.main``, not a product option): what the sha256 per Metal
      file that the manifest promises costs against the 2x target;
    * ``caffe2metal convert mobilenet_ssd.prototxt``: wall time, interpreter
-     start included (after one untimed run).
+     start included (after one untimed run);
+   * ``caffe2metal run OUT`` on that MobileNet-SSD (the plan in numpy, from
+     OUT's files) against OpenCV reading the original and running it with its
+     defaults on the same input (``run``'s default, saved to an .npz), both as
+     whole processes, alternating: the ratio (issue 11 sets no target);
+   * ``caffe2metal convert vgg16_bn.prototxt --verify``: wall time and peak
+     RSS against issue 11's targets (<= 15 s, <= 2x the caffemodel), after one
+     untimed run; and OpenCV alone reading the VGG caffemodel and running one
+     forward pass as verify runs it (fusion off): the peak memory
+     an in-process OpenCV reference needs, which verify cannot go below.
 
    Wall times on a busy machine drift: the load average at the start and every
    run's wall and CPU seconds are printed under the table.
@@ -81,6 +90,9 @@ BN_SCALE_FACTOR = 999.982          # what Caffe's moving-average factor converge
 VGG_TIME_RATIO = 2.0               # convert wall <= 2x the I/O floor
 VGG_RSS_RATIO = 1.5                # peak RSS <= 1.5x the caffemodel's size
 MOBILENET_SECONDS = 0.35           # convert wall, interpreter start included
+# targets of issue 11
+VERIFY_SECONDS = 15.0              # VGG16-BN `convert --verify` wall
+VERIFY_RSS_RATIO = 2.0             # its peak RSS <= 2x the caffemodel's size
 
 
 # ---------------------------------------------------------------- VGG16-BN
@@ -324,6 +336,38 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# OpenCV on its own, as a process: read the Caffe model from its files, feed the inputs
+# saved in an .npz, one forward pass of every net output; prints the forward's seconds.
+# "verify" runs it as verify does (fusion off: what verify's peak memory cannot go below),
+# "default" as an app would (OpenCV's defaults: its fastest).
+_OPENCV = """
+import sys, time
+import cv2
+import numpy as np
+proto, weights, feed, mode = sys.argv[1:]
+net = cv2.dnn.readNetFromCaffe(proto, weights)
+net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+if mode == "verify":
+    net.enableFusion(False)
+inputs = np.load(feed)
+for name in inputs.files:
+    net.setInput(inputs[name], name)
+t = time.perf_counter()
+net.forward(net.getUnconnectedOutLayersNames())
+print(time.perf_counter() - t)
+"""
+
+
+def write_feed(out: Path, path: Path) -> Path:
+    """The input ``caffe2metal run OUT`` feeds without --image (verify's deterministic one),
+    saved for the OpenCV process."""
+    from caffe2metal.runtime import default_feed
+    manifest = json.loads((out / "manifest.json").read_text())
+    np.savez(path, **default_feed(manifest))
+    return path
+
+
 @dataclass
 class Run:
     wall: float                    # seconds, process start to exit
@@ -431,11 +475,38 @@ def measure(models: dict, directory: Path, runs: int = 5) -> tuple[list[Row], di
         convert_run(nohash_cmd)
         nohash_runs.append(convert_run(nohash_cmd))
     floor_io = [float(r.stdout.strip()) for r in floor_runs]
-    shutil.rmtree(tmp, ignore_errors=True)
+    for p in dst:
+        p.unlink(missing_ok=True)
 
     # MobileNet-SSD, after one untimed run (byte code, shared libraries)
     convert_run(mn_cmd)
     mn_runs = [convert_run(mn_cmd) for _ in range(runs)]
+
+    # MobileNet-SSD: `run OUT` (numpy, from the files convert wrote) against OpenCV reading
+    # the original and running it on the same input, alternating, each after one untimed run
+    out_mn = directory / "out_mobilenet_ssd"
+    feed_mn = write_feed(out_mn, tmp / "feed_mobilenet_ssd.npz")
+    run_cmd = cli + ["run", str(out_mn)]
+    cv_mn_cmd = [sys.executable, "-c", _OPENCV, str(mn_proto), str(mn_weights), str(feed_mn),
+                 "default"]
+    run_runs, cv_mn_runs = [], []
+    for _ in range(runs):
+        _timed(cv_mn_cmd, env)
+        cv_mn_runs.append(_timed(cv_mn_cmd, env))
+        _timed(run_cmd, env)
+        run_runs.append(_timed(run_cmd, env))
+
+    # VGG16-BN `convert --verify`, and OpenCV alone as verify runs it (its memory floor)
+    feed_vgg = write_feed(directory / "out_vgg", tmp / "feed_vgg.npz")
+    verify_cmd = cli + ["convert", str(vgg_proto), str(vgg_weights), "-o",
+                        str(directory / "out_vgg_verify"), "--verify"]
+    cv_vgg_cmd = [sys.executable, "-c", _OPENCV, str(vgg_proto), str(vgg_weights), str(feed_vgg),
+                  "verify"]
+    _timed(cv_vgg_cmd, env)
+    cv_vgg_runs = [_timed(cv_vgg_cmd, env) for _ in range(runs)]
+    convert_run(verify_cmd)
+    verify_runs = [convert_run(verify_cmd) for _ in range(runs)]
+    shutil.rmtree(tmp, ignore_errors=True)
 
     floor = statistics.median(floor_io)          # the I/O alone, without interpreter start
     floor_best = min(floor_io)
@@ -468,6 +539,7 @@ def measure(models: dict, directory: Path, runs: int = 5) -> tuple[list[Row], di
             f"{mn_wall:.3f} s", f"<= {MOBILENET_SECONDS:g} s", mn_wall / MOBILENET_SECONDS,
             mn_wall <= MOBILENET_SECONDS),
     ]
+    rows += _run_rows(run_runs, cv_mn_runs) + _verify_rows(label, size, verify_runs, cv_vgg_runs)
     info = {
         "vgg_caffemodel_bytes": size,
         "mobilenet_caffemodel_bytes": mn_weights.stat().st_size,
@@ -479,8 +551,46 @@ def measure(models: dict, directory: Path, runs: int = 5) -> tuple[list[Row], di
         "vgg": [(r.wall, r.cpu, r.rss) for r in vgg_runs],
         "vgg_no_sha256": [(r.wall, r.cpu) for r in nohash_runs],
         "mobilenet": [(r.wall, r.cpu) for r in mn_runs],
+        "run": [(r.wall, r.cpu) for r in run_runs],
+        "opencv_mobilenet": [(r.wall, r.cpu, float(r.stdout.strip())) for r in cv_mn_runs],
+        "verify": [(r.wall, r.cpu, r.rss) for r in verify_runs],
+        "opencv_vgg": [(r.wall, r.cpu, r.rss) for r in cv_vgg_runs],
     }
     return rows, info
+
+
+def _run_rows(runs: list[Run], opencv: list[Run]) -> list[Row]:
+    """`run OUT` on MobileNet-SSD against OpenCV on the original (both whole processes:
+    interpreter start, reading the model, one forward pass); no target is set for it."""
+    run_wall = _median(runs, lambda r: r.wall)
+    cv_wall = _median(opencv, lambda r: r.wall)
+    cv_forward = statistics.median(float(r.stdout.strip()) for r in opencv)
+    return [
+        Row("OpenCV on the original MobileNet-SSD, same input (process: load + one forward; "
+            "median)", f"{cv_wall:.3f} s", f"reference (its forward alone {cv_forward:.3f} s)",
+            None, None),
+        Row("MobileNet-SSD `caffe2metal run OUT` (numpy, process; median)", f"{run_wall:.3f} s",
+            "against OpenCV's process above (no target set)", run_wall / cv_wall, None),
+    ]
+
+
+def _verify_rows(label: str, size: int, runs: list[Run], opencv: list[Run]) -> list[Row]:
+    """`convert --verify` against the targets of issue 11, and OpenCV alone run as verify runs
+    it: the peak memory no in-process verification with OpenCV can go below."""
+    mb = 1 << 20
+    wall = _median(runs, lambda r: r.wall)
+    rss = _median(runs, lambda r: r.rss)
+    cv_rss = _median(opencv, lambda r: r.rss)
+    return [
+        Row(f"{label} `convert --verify` wall (median)", f"{wall:.3f} s",
+            f"<= {VERIFY_SECONDS:g} s", wall / VERIFY_SECONDS, wall <= VERIFY_SECONDS),
+        Row(f"{label} `convert --verify` peak RSS (median)", f"{rss / mb:.0f} MiB",
+            f"<= {VERIFY_RSS_RATIO:g}x caffemodel ({VERIFY_RSS_RATIO * size / mb:.0f} MiB)",
+            rss / size, rss <= VERIFY_RSS_RATIO * size),
+        Row(f"OpenCV alone: read {label} from its file, one forward pass as verify runs it "
+            "(fusion off), peak RSS (median)", f"{cv_rss / mb:.0f} MiB",
+            "reference: verify's floor", cv_rss / size, None),
+    ]
 
 
 # ---------------------------------------------------------------- report
@@ -533,6 +643,13 @@ def details(info: dict) -> list[str]:
         + ", ".join(f"{r / mb:.0f}" for *_, r in info["vgg"]) + " MiB; VGG16-BN with sha256 "
         f"as a no-op {runs(info.get('vgg_no_sha256', []))}; MobileNet-SSD "
         f"{runs(info['mobilenet'])}.",
+        "MobileNet-SSD `run OUT` " + runs(info.get("run", [])) + "; OpenCV on the original "
+        + runs(info.get("opencv_mobilenet", [])) + " (its forward alone "
+        + ", ".join(f"{f:.3f}" for *_, f in info.get("opencv_mobilenet", [])) + ").",
+        "VGG16-BN `convert --verify` " + runs(info.get("verify", [])) + ", peak RSS "
+        + ", ".join(f"{r / mb:.0f}" for *_, r in info.get("verify", [])) + " MiB; OpenCV alone "
+        + runs(info.get("opencv_vgg", [])) + ", peak RSS "
+        + ", ".join(f"{r / mb:.0f}" for *_, r in info.get("opencv_vgg", [])) + " MiB.",
     ]
 
 

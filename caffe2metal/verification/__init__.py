@@ -106,13 +106,20 @@ __all__ = ["END_TO_END_TOLERANCE", "PLAN_TOLERANCE", "TOLERANCE", "Comparison",
 
 def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str | os.PathLike,
            *, image: str | os.PathLike | None = None, seed: int = 0,
-           input_shapes: InputShapes | None = None, activations: str = "float32") -> Report:
+           input_shapes: InputShapes | None = None, activations: str = "float32",
+           model: Model | None = None) -> Report:
+    """``model``: the net as ``convert`` just read it from these files (weights attached and
+    checked), used instead of reading them again; its layers' blobs are emptied here.
+
+    Memory: the original blobs are released once the layer ends are known (before
+    OpenCV, which holds its own copy, runs); Caffe's numpy reference reads them again in
+    the rare case it is asked (``_Original``).  One OpenCV net at a time, each freed after
+    its single forward pass; every weight file is read once per use and freed after it."""
     out = Path(out)
     manifest = load_manifest(out)
-    model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
+    model, ends = _structure(prototxt, caffemodel, input_shapes, model)
     graph = model.graph
-    merged = fold.apply(graph, fold.plan(graph))
-    by_name = {layer.name: layer for layer in merged.layers}
+    original = _Original(prototxt, caffemodel, input_shapes)
     feed, described = make_inputs(model, image, seed)
     report = Report(prototxt=str(prototxt), out=str(out), input=described)
 
@@ -124,12 +131,12 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
             chain = [manifest_layer(graph, n, out) for n in entry.get("chain") or [name]]
             src, dst = chain[0].bottoms[0], chain[-1].tops[0]
         else:
-            layer = by_name.get(name)
-            if layer is None:
+            if name not in ends:
                 raise Caffe2MetalError(f"the manifest lists layer {name!r}, which the folded "
                                        "model does not have (was OUT made from another model?)",
                                        file=out / "manifest.json")
-            src, dst = layer.bottoms[0], layer.tops[0]
+            bottoms, tops = ends[name]
+            src, dst = bottoms[0], tops[0]
         jobs.append((entry, src, dst))
         needed.update((src, dst))
     ssd = manifest.get("ssd") or {}
@@ -143,10 +150,9 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
                   if s["type"] == "DetectionOutput"})
     forks = fork_layers.plan(graph, drop)
     gone = forks.unavailable
-    needed.update(_outputs(graph, drop, forks))
-    needed.update(detection_inputs(graph, drop))          # the plan run's rows for SSD
-    needed.update(squashed_inputs(graph, [*_outputs(graph, drop, forks),
-                                         *detection_inputs(graph, drop)]))   # their logits
+    later = set(_outputs(graph, drop, forks)) | set(detection_inputs(graph, drop))
+    later |= set(squashed_inputs(graph, later))      # their logits (the plan run's rows)
+    needed.update(later)                 # the end-to-end rows and the plan run's rows for SSD
     needed -= set(gone)
     with fork_layers.registered(forks):
         net = _opencv(opencv_text(model, drop, rename=forks.rename, cut=forks.cut),
@@ -163,7 +169,7 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
                                           model.shapes.blobs.get(dst), gone[src if src in gone
                                                                           else dst]))
             continue
-        row = _check_layer(entry, values[src], values[dst], out, graph)
+        row = _check_layer(entry, values[src], values[dst], out, original.graph)
         if row.note.endswith("(an OpenCV defect)"):
             if src in tainted:
                 row.note = (f"vs numpy Caffe reference: OpenCV's output differs here, after "
@@ -179,6 +185,8 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
         report.layers.append(_skipped(report, "priors", "priors", None, gone[concat.tops[0]])
                              if concat.tops[0] in gone
                              else _check_priors(out, ssd, graph, values[concat.tops[0]]))
+    original.release()
+    values = {b: v for b, v in values.items() if b in later}   # what the rows below read
 
     report.outputs = _end_to_end(model, manifest, out, feed, values, drop, forks)
     for row in report.outputs:
@@ -197,6 +205,38 @@ def verify(prototxt: str | os.PathLike, caffemodel: str | os.PathLike, out: str 
             row.note = (f"not counted: downstream of '{tainted[row.name]}', which OpenCV "
                         "computes wrongly (see above)")
     return report
+
+
+def _structure(prototxt, caffemodel, input_shapes: InputShapes | None, model: Model | None
+               ) -> tuple[Model, dict[str, tuple[list[str], list[str]]]]:
+    """The model read and checked (or ``model``) without its blobs, and each layer's
+    (bottoms, tops) in the folded model."""
+    if model is None:
+        model = read_model(prototxt, caffemodel, input_shapes=input_shapes)
+    merged = fold.apply(model.graph, fold.plan(model.graph), lazy=True)   # nothing folded
+    ends = {layer.name: (layer.bottoms, layer.tops) for layer in merged.layers}
+    for layer in model.graph.layers:
+        layer.blobs = []
+    return model, ends
+
+
+class _Original:
+    """The original graph with its blobs, for Caffe's numpy reference: read again from the
+    files only when a layer disagrees with OpenCV (rare), and released after the per-layer
+    rows, so that the caffemodel is not held in memory while OpenCV holds its own copy."""
+
+    def __init__(self, prototxt, caffemodel, input_shapes: InputShapes | None) -> None:
+        self.args = (prototxt, caffemodel, input_shapes)
+        self.read: Graph | None = None
+
+    def graph(self) -> Graph:
+        if self.read is None:
+            prototxt, caffemodel, shapes = self.args
+            self.read = read_model(prototxt, caffemodel, input_shapes=shapes).graph
+        return self.read
+
+    def release(self) -> None:
+        self.read = None
 
 
 def _after_defects(rows: list[Row], graph: Graph, defects: dict[str, str]) -> None:

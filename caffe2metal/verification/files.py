@@ -292,7 +292,8 @@ def read_array(out: Path, spec: dict, owner: str | None = None) -> tuple[np.ndar
     finally:
         os.close(fd)
     sha_ok = hashlib.sha256(data).hexdigest() == spec.get("sha256")
-    return np.frombuffer(data, _NP_DTYPES[dtype]).reshape(shape).astype(np.float32), sha_ok
+    array = np.frombuffer(data, _NP_DTYPES[dtype]).reshape(shape)   # read-only
+    return array.astype(np.float32, copy=False), sha_ok
 
 
 def _entries(manifest: dict, out: Path) -> list[dict]:

@@ -7,6 +7,7 @@ of the two is wrong.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,10 @@ def recompute(entry: dict, x: np.ndarray, out: Path) -> tuple[np.ndarray, bool]:
 _SHA_NOTE = "sha256 differs from the manifest"
 
 
-def _check_layer(entry: dict, x: np.ndarray, ref: np.ndarray, out: Path, graph: Graph) -> Row:
-    """One manifest layer from its files against OpenCV's output (and Caffe's, if they differ)."""
+def _check_layer(entry: dict, x: np.ndarray, ref: np.ndarray, out: Path,
+                 original: Callable[[], Graph]) -> Row:
+    """One manifest layer from its files against OpenCV's output (and Caffe's, if they differ:
+    ``original()`` is then the original graph with its blobs)."""
     row = Row(entry["name"], entry["kind"], ref.shape)
     tol = TOLERANCE.get(entry["weights"]["dtype"], TOLERANCE["float32"])
     try:
@@ -57,7 +60,7 @@ def _check_layer(entry: dict, x: np.ndarray, ref: np.ndarray, out: Path, graph: 
         return row
     _measure(row, _hwc(ref), got, tol)
     if not row.ok:
-        _second_opinion(row, graph, entry, x, ref, got)
+        _second_opinion(row, original(), entry, x, ref, got)
     if not sha_ok:
         row.ok, row.note = False, _SHA_NOTE
     return row

@@ -205,6 +205,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     assert rss[2].startswith("<= 2x caffemodel") and rss[4].strip(" |") in ("PASS", "MISS")
     assert any(k.startswith("OpenCV alone: read vgg_tiny") for k in rows)
     assert "`convert --verify`" in p.stdout and "`caffe2metal run OUT`" in p.stdout
+    # issue 12's rows: both backends beside OpenCV, for both models
+    for label in ("MobileNet-SSD", "vgg_tiny"):
+        assert f"{label} `run` by backend beside OpenCV" in md
+    for figure in ("`run --backend numpy`", "`run --backend mlx` (cpu", "OpenCV forward"):
+        assert md.count(f"| {figure}") == 2, figure
 
 
 # ---------------------------------------------------------------- lean convert path

@@ -664,6 +664,22 @@ def render_markdown(rows: list[Row], info: dict) -> str:
     return "\n".join(out)
 
 
+def run_backends(models: dict, directory: Path, runs: int) -> str:
+    """Issue 12's rows: `run` with the numpy and the MLX backend beside OpenCV's forward of
+    the original, on one input, for MobileNet-SSD and VGG (``tools.bench_run``: in this
+    process, best and median of ``runs`` after a warm-up each)."""
+    from caffe2metal import api
+    from tools.bench_run import render, time_runs
+    parts = []
+    for key, label in (("mobilenet", "MobileNet-SSD"), ("vgg", models["vgg_label"])):
+        proto, weights = models[key]
+        out = api.convert(proto, weights, directory / f"run_{key}").out
+        parts.append(render(time_runs(out, proto, weights, runs),
+                            f"{label} `run` by backend beside OpenCV (in process; best and "
+                            f"median of {runs} after a warm-up)"))
+    return "\n\n".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench",
                                  description=__doc__.splitlines()[0])
@@ -684,7 +700,10 @@ def main(argv=None) -> int:
     print(render_text(rows))
     print()
     print("\n".join(details(info)))
-    (directory / "latest.md").write_text(render_markdown(rows, info))
+    backends = run_backends(models, directory, max(1, args.runs))
+    print()
+    print(backends)
+    (directory / "latest.md").write_text(render_markdown(rows, info) + "\n" + backends + "\n")
     print(f"\nwrote {directory / 'latest.md'}")
     return 0
 

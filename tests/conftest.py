@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,13 @@ from caffe2metal.caffe.caffemodel import write_caffemodel
 from caffe2metal.examples import weights as synth
 from caffe2metal.export.caffe import merged_layers
 from caffe2metal.net.reader import read_model, read_prototxt
+
+# A suite started in the background without job control (`make test &` from a script)
+# inherits SIGINT ignored, and every child it starts would too (an ignored signal stays
+# ignored across exec; Python then installs no KeyboardInterrupt handler): the Ctrl-C
+# tests need it delivered.  A handler here is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

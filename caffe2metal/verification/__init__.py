@@ -19,9 +19,10 @@ verify, end to end
     Every net output of the original model against the merged Caffe model in
     OUT, both in OpenCV with fusion off.  Then the manifest's plan executed from
     OUT alone by ``caffe2metal.runtime`` (the numpy MPS model) against the
-    original in OpenCV: one row per net output, and SSD's detections compared as
-    sets (``plan_run``, which explains its tolerances: float32 1e-4, float16
-    weights 1e-1).
+    original in OpenCV: one row per net output (and for one a Softmax/Sigmoid
+    computes, its input), and SSD's detections compared as sets (``plan_run``,
+    which explains its tolerances: float32 1e-4, float16 weights or activations
+    2e-1, a squashed row plus what its input's difference becomes through it).
 
 Measure and tolerance
     rel = max |diff| / max |ref| per layer (per output).
@@ -39,7 +40,7 @@ Measure and tolerance
       measured, while one weight off by
       0.25 in one 1x1 convolution of the demo net gives 1.8e-2.
       This models the weight files only: MPS also keeps activations in float16
-      on the GPU, which a device test must allow for separately.
+      on the GPU, which ``activations="float16"`` models in the plan run.
     * end to end: 1e-4 (both models are float32); DetectionOutput 1e-3, as
       its box decoding exp(variance * loc) multiplies relative differences by
       |variance * loc| (up to 3.6e-4 measured, MobileNet-SSD at 160x160 with

@@ -38,6 +38,16 @@ layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "pool" bottom: "label" top: "loss" }
 """
 SHAPE = ["1,3,24,32"]
+PADDED = ("mean: not foldable, 'conv1' pads by [1, 1]: Caffe pads the mean-subtracted image "
+          "with zeros, i.e. the raw image with the mean; a bias change would be wrong at the "
+          "border")
+
+
+def _fold(scale: float, mean: str | None = PADDED) -> dict:
+    """conv1 (pad 1) reads the input: the scale folds, a mean does not."""
+    note = f"scale: multiply the weights of 'conv1' by {scale:g} (exact in real arithmetic); "
+    return {"layer": "conv1", "scale": True, "mean": mean is None,
+            "note": note + (mean or "no mean to fold")}
 
 
 def _net(tmp_path, text: str, name: str = "tiny"):
@@ -69,7 +79,7 @@ def test_options_are_recorded(tmp_path):
                        channel_order="RGB")
     assert _record(done.out) == done.manifest["preprocessing"] == {
         "source": "options", "input": "data", "resize": "bilinear", "channel_order": "RGB",
-        "mean": [104.0, 117.0, 123.0], "scale": 0.017}
+        "mean": [104.0, 117.0, 123.0], "scale": 0.017, "fold": _fold(0.017)}
 
 
 def test_one_option_records_the_defaults_of_the_others(tmp_path):
@@ -78,7 +88,7 @@ def test_one_option_records_the_defaults_of_the_others(tmp_path):
                  "--mean", "127.5"]) == 0
     assert _record(tmp_path / "o") == {"source": "options", "input": "data",
                                        "resize": "bilinear", "channel_order": "BGR",
-                                       "mean": [127.5], "scale": 1.0}
+                                       "mean": [127.5], "scale": 1.0, "fold": _fold(1)}
 
 
 def test_nothing_is_assumed_without_options(tmp_path):
@@ -94,7 +104,8 @@ def test_transform_param_of_the_test_phase_data_layer(tmp_path):
     rec = _record(done.out)
     assert rec == {"source": "transform_param", "layer": "data", "input": "data",
                    "resize": "bilinear", "channel_order": "BGR",
-                   "mean": [104.0, 117.0, 123.0], "scale": 0.007843, "note": rec["note"]}
+                   "mean": [104.0, 117.0, 123.0], "scale": 0.007843, "note": rec["note"],
+                   "fold": _fold(0.007843)}
     assert "center-crops" in rec["note"]
     # the data layer is still dropped as before: the merged net is a deploy net
     assert [d["name"] for d in done.dropped] == ["data", "loss"]
@@ -107,7 +118,7 @@ def test_options_replace_the_transform_param(tmp_path):
     assert _record(done.out) == {"source": "options", "input": "data", "resize": "bilinear",
                                  "channel_order": "RGB", "mean": [], "scale": 1.0,
                                  "note": "the options replace the transform_param of layer "
-                                         "'data'"}
+                                         "'data'", "fold": _fold(1, None)}
 
 
 def test_mean_file_is_not_read_and_not_assumed(tmp_path):
@@ -190,3 +201,39 @@ def test_convert_verify_applies_what_it_records(tmp_path, capsys):
     done = api.convert(proto, weights, tmp_path / "p", input_shapes=SHAPE, verify=True,
                        image=path)
     assert "preprocessing as the manifest records" in done.verification.report.input
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_the_fold_record_says_what_folding_into_the_first_convolution_gives(tmp_path, pad):
+    """Folded by hand as the record describes (weights x scale, bias - sum W x scale x mean),
+    the convolution on the raw image in OpenCV against the original on the preprocessed
+    image: equal without padding; with padding the border differs, as the record says."""
+    text = DEPLOY.replace("pad: 1", f"pad: {pad}")
+    proto, weights = _net(tmp_path, text)
+    mean, scale = np.array([104.0, 117.0, 123.0]), 0.017
+    done = api.convert(proto, weights, tmp_path / "o", mean="104,117,123", scale=scale)
+    fold = _record(done.out)["fold"]
+    assert (fold["layer"], fold["scale"], fold["mean"]) == ("conv1", True, pad == 0)
+
+    from caffe2metal.caffe.caffemodel import read_caffemodel
+    layers = read_caffemodel(weights)
+    w, b = (np.asarray(x, np.float64) for x in layers[0].blobs)
+    folded_w = w * scale
+    folded_b = b - (folded_w * mean[None, :, None, None]).sum(axis=(1, 2, 3))
+
+    class Folded:
+        name, type = layers[0].name, layers[0].type
+        blobs = [folded_w.astype(np.float32), folded_b.astype(np.float32)]
+    write_caffemodel(tmp_path / "folded.caffemodel", [Folded(), *layers[1:]])
+    raw = np.random.default_rng(3).uniform(0, 255, (1, 3, 24, 32)).astype(np.float32)
+    conv = []
+    for model, x in ((weights, (raw - mean[None, :, None, None].astype(np.float32)) * scale),
+                     (tmp_path / "folded.caffemodel", raw)):
+        net = cv2.dnn.readNetFromCaffe(str(proto), str(model))
+        net.setInput(np.ascontiguousarray(x, np.float32))
+        conv.append(np.array(net.forward("conv1")))
+    diff = np.abs(conv[0] - conv[1]) / np.abs(conv[0]).max()
+    if pad == 0:
+        assert diff.max() < 1e-5           # float32 sums of 27 products of size ~255 x w
+    else:
+        assert diff[..., 1:-1, 1:-1].max() < 1e-5 and diff.max() > 1e-2

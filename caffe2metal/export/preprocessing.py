@@ -93,6 +93,7 @@ def record(model, *, mean=None, scale=None, channel_order=None) -> dict:
             raise Caffe2MetalError(f"--mean has {len(means)} values; the net's input '{name}' "
                                    f"has {c} channel(s): give 1 or {c}", file=model.prototxt)
         rec = _known("options", name, means, s, order)
+        rec["fold"] = fold_note(model, name, means, s)
         if model.data_transforms:
             rec["note"] = (f"the options replace the transform_param of layer "
                            f"'{model.data_transforms[0][0]}'")
@@ -115,12 +116,53 @@ def record(model, *, mean=None, scale=None, channel_order=None) -> dict:
                             "is assumed"}
         rec = _known("transform_param", top, means, s, "BGR")
         rec["layer"] = layer
+        rec["fold"] = fold_note(model, top, means, s)
         crop = tp.get("crop_size") or tp.get("crop_h") or tp.get("crop_w")
         if crop:
             rec["note"] = ("Caffe center-crops the image to crop_size at test time; run and "
                            "verify resize the whole image instead")
         return rec
     return {"source": "none", "note": NONE_NOTE}
+
+
+def fold_note(model, name: str, means, s: float) -> dict | None:
+    """Whether the preprocessing can go into the first layer's weights, for an app that
+    would rather not scale and subtract per pixel (derived from Caffe's convolution):
+    the input must feed exactly one Convolution.  ``scale``: W * (s x) = (s W) * x, so
+    multiplying its weights by s is exact in real arithmetic (in float32 each weight moves
+    by at most half an ulp).  ``mean``: W * (x - m) = W * x - sum(W m), a bias change,
+    only when every window lies inside the image: with zero padding Caffe pads the
+    mean-subtracted input with zeros, i.e. the raw image with the mean, which a folded
+    bias would not reproduce at the border."""
+    from ..layers.convolution import conv_geometry
+    g = model.graph
+    blob = next((b for b in [*g.inputs, *(t for layer in g.layers if layer.type == "Input"
+                                           for t in layer.tops)]
+                 if g.blob_names.get(b, b) == name), None)
+    # PriorBox reads only the image's size, and so does Crop from its second bottom
+    readers = [r for r in (g.consumers().get(blob, []) if blob is not None else [])
+               if r.type != "PriorBox" and not (r.type == "Crop" and r.bottoms[0] != blob)]
+    if len(readers) != 1 or "convolution_param" not in readers[0].params \
+            or readers[0].type == "Deconvolution":
+        what = ", ".join(f"'{r.name}' ({r.type})" for r in readers) or "no layer"
+        return {"layer": None, "scale": False, "mean": False,
+                "note": f"the input's values feed {what}, not exactly one Convolution: "
+                        "apply the preprocessing to the image"}
+    first = readers[0]
+    pad = tuple(int(p) for p in conv_geometry(first.params["convolution_param"])["pad"])
+    mean_ok = not any(pad) or not means
+    note = (f"scale: multiply the weights of '{first.name}' by {s:g} (exact in real "
+            "arithmetic); ")
+    if not means:
+        note += "no mean to fold"
+    elif mean_ok:
+        note += (f"mean: subtract sum over its kernel of W[o][c] * mean[c] from bias[o] "
+                 f"('{first.name}' has no padding, so every window lies inside the image)")
+    else:
+        note += (f"mean: not foldable, '{first.name}' pads by {list(pad)}: Caffe pads the "
+                 "mean-subtracted image with zeros, i.e. the raw image with the mean; a "
+                 "bias change would be wrong at the border")
+    return {"layer": first.name, "scale": True, "mean": mean_ok, "note": note}
 
 
 def _f32(v: float) -> float:

@@ -865,11 +865,13 @@ def run_manifest(manifest: bytes, workdir: str | os.PathLike, base_root: str | o
 
 
 def _run_outcome(out: Path, seconds: float, argv: tuple[str, ...] = ()) -> int:
-    """``run OUT``: 0, or 2 with one ``caffe2metal: error: ...`` line (3 is not a run
-    outcome: run verifies nothing)."""
-    status, _, err = _run_cli(["run", str(out), *argv], seconds, 2 << 30, what="run: ")
-    if status not in (0, 2):
-        raise Failure(f"run: exit status {status}, expected 0 or 2; stderr: {err!r}")
+    """``run OUT``: 0; 3 when ops marked ``unavailable`` were not run (named in the output);
+    or 2 with one ``caffe2metal: error: ...`` line."""
+    status, stdout, err = _run_cli(["run", str(out), *argv], seconds, 2 << 30, what="run: ")
+    if status not in (0, 2, 3):
+        raise Failure(f"run: exit status {status}, expected 0, 2 or 3; stderr: {err!r}")
+    if status == 3 and "not run: " not in stdout and '"skipped": [{' not in stdout:
+        raise Failure(f"run: exit status 3 without the ops it did not run: {stdout[-300:]!r}")
     if status == 2 and (not _one_error_line(err) or "Traceback" in err):
         raise Failure(f"run: stderr is not one 'caffe2metal: error: ...' line: {err!r}")
     return status
@@ -1121,7 +1123,8 @@ def hostile_plan(rnd: random.Random, root: str | os.PathLike) -> tuple:
     ``plan_bases`` for ``run_plan_manifest``."""
     base = rnd.choice(plan_bases(root))
     manifest, files = mutate_plan(rnd, json.loads((base / "manifest.json").read_text()))
-    argv = rnd.choice([(), (), ("--json",), ("--activations", "float16")])
+    argv = rnd.choice([(), (), ("--json",), ("--activations", "float16"),
+                       ("--backend", "mlx"), ("--backend", "mlx", "--activations", "float16")])
     return manifest, files, base, argv
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from caffe2metal import api
@@ -158,3 +159,13 @@ def test_detections_match_as_sets_ties_by_count():
     inf = float("inf")
     assert _iou([1, -inf, 1, inf], [1, -inf, 1, inf]) == 1.0      # no area: coordinates
     assert _iou([1, -inf, 1, inf], [1, inf, 1, inf]) == 0.0
+
+
+def test_the_squashed_tolerance_ignores_non_finite_references():
+    from caffe2metal.verification.plan_run import _through
+    from caffe2metal.verification.report import Row
+    above = Row("logits", "Reshape", (3,), max_diff=2e-3, counted=True)
+    probs = np.array([0.5, np.nan, np.inf, 0.25])
+    assert _through(0.5, 1e-4, above, probs) == pytest.approx(2.1e-3)   # 1e-4 + 0.5*2e-3/0.5
+    assert _through(0.5, 1e-4, above, np.array([np.nan])) == 1e-4
+    assert _through(0.5, 1e-4, Row("x", "y", (1,), max_diff=float("inf")), probs) == 1e-4

@@ -86,9 +86,9 @@ logistic's derivative s (1 - s) <= 1/4; tanh's 1 - t^2 <= 1 (derived)."""
 
 def squashed_input(graph: Graph, blob: str) -> tuple[str, float, str] | None:
     """The input of the Softmax, Sigmoid or TanH that computes ``blob`` (through
-    Flatten/Reshape only: SSD's mbox_conf_flatten, a classifier's prob) and that layer's
-    slope bound and type, where that input is the last value of its blob name (what the plan's value
-    of that name is); else None."""
+    Flatten/Reshape only: SSD's mbox_conf_flatten, a classifier's prob), that layer's
+    slope bound and its type, where that input is the last value of its blob name (what the
+    plan's value of that name is); else None."""
     producers = graph.producers()
     layer = producers.get(blob)
     while layer is not None and layer.type in ("Flatten", "Reshape"):
@@ -111,10 +111,13 @@ def _through(slope: float, tol: float, above: Row | None, probs: np.ndarray) -> 
     """The tolerance of a squashed row: ``tol`` plus what the difference measured in its
     input (the row ``above``) can make of it through the layer, slope * max|dz| (mean
     value theorem), as a fraction of max|p|; rounded up to 2 significant digits."""
-    top = float(np.abs(probs).max()) if probs.size else 0.0
+    finite = np.abs(probs[np.isfinite(probs)])
+    top = float(finite.max()) if finite.size else 0.0
     if above is None or not above.counted or not math.isfinite(above.max_diff) or top <= 0:
         return tol
     bound = tol + slope * above.max_diff / top
+    if not math.isfinite(bound):
+        return tol
     digits = 10.0 ** (math.floor(math.log10(bound)) - 1)
     return math.ceil(bound / digits) * digits
 

@@ -102,28 +102,36 @@ def check_group(p: dict, channels: int, group: int) -> int:
     return num_output
 
 
-def _param(layer: Layer) -> dict:
+def conv_param(layer: Layer) -> dict:
     return layer.params.get("convolution_param", {})
 
 
 # ---------------------------------------------------------------- shape
 
-def _shape(layer: Layer, ins: list):
+def base_conv_shape(layer: Layer, ins: list, transpose: bool = False):
+    """base_conv_layer.cpp's shapes, for Convolution (``mps.conv_output_size``, W
+    [out][in/group][kH][kW]) and, ``transpose``, Deconvolution
+    (``mps.deconv_output_size``, W [in][out/group][kH][kW]); b [out]."""
     (x,) = need(ins, 1)[:1]
-    p = _param(layer)
+    p = conv_param(layer)
     axis = axis_index(p.get("axis", 1), len(x))
-    n = len(x) - axis - 1
-    g = conv_geometry(p, n)
+    g = conv_geometry(p, len(x) - axis - 1)
     c = x[axis]
     group = c if layer.type in GROUP_IS_CHANNELS else p.get("group", 1)
-    num_output = check_group(p, c, group)
-    out = tuple(mps.conv_output_size(*a) for a in
+    num_output = check_group(p, c, group)        # the CHECKs of base_conv_layer.cpp
+    size = mps.deconv_output_size if transpose else mps.conv_output_size
+    out = tuple(size(*a) for a in
                 zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
                     strict=True))
-    params = [(num_output, c // group) + g["kernel"]]
+    weights = (c, num_output // group) if transpose else (num_output, c // group)
+    params = [weights + g["kernel"]]
     if p.get("bias_term", True):
         params.append((num_output,))
     return [x[:axis] + (num_output,) + out], params
+
+
+def _shape(layer: Layer, ins: list):
+    return base_conv_shape(layer, ins)
 
 
 # ---------------------------------------------------------------- fold
@@ -147,7 +155,7 @@ def pair_list(t) -> list[int]:
 
 def check_2d(layer: Layer):
     """The weights (an array, or folded lazily) and the 2-D geometry MPS needs."""
-    p = _param(layer)
+    p = conv_param(layer)
     w = layer.blobs[0]
     if not hasattr(w, "row_blocks"):                # an array, not weights folded lazily
         w = np.asarray(w)
@@ -195,7 +203,7 @@ def _export(layer: Layer, in_shape) -> dict:
     if layer.type in GROUP_IS_CHANNELS:
         group = int(in_shape[1]) if in_shape and in_shape[1] else w.shape[0]
     else:
-        group = int(_param(layer).get("group", 1))
+        group = int(conv_param(layer).get("group", 1))
     cin, cout = w.shape[1] * group, w.shape[0]
     if group > 1 and group == cin == cout:          # rows are channels: [C][kH][kW]
         arr = layout((cout, kh, kw), w, mps.depthwise_weights)
@@ -233,7 +241,7 @@ def correlate(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int,
 
 def _reference(layer: Layer, x: np.ndarray) -> np.ndarray:
     """Caffe's Convolution on one item x [C][H][W] (float64), from the layer's blobs."""
-    p = _param(layer)
+    p = conv_param(layer)
     group = x.shape[0] if layer.type in GROUP_IS_CHANNELS else int(p.get("group", 1))
     w = np.asarray(layer.blobs[0], np.float64)
     bias = np.asarray(layer.blobs[1], np.float64).reshape(-1) if len(layer.blobs) > 1 else None

@@ -15,29 +15,14 @@ import numpy as np
 
 from .. import mps
 from ..graph import Layer
-from .convolution import check_2d, check_group, conv_geometry, dense, geometry, mps_groups
+from .convolution import base_conv_shape, check_2d, conv_geometry, dense, geometry, mps_groups
+from .convolution import conv_param as _param
 from .planning import weighted
-from .registry import Producer, axis_index, need, register, register_plan
-
-
-def _param(layer: Layer) -> dict:
-    return layer.params.get("convolution_param", {})
+from .registry import Producer, register, register_plan
 
 
 def _shape(layer: Layer, ins: list):
-    (x,) = need(ins, 1)[:1]
-    p = _param(layer)
-    axis = axis_index(p.get("axis", 1), len(x))
-    g = conv_geometry(p, len(x) - axis - 1)
-    c, group = x[axis], p.get("group", 1)
-    num_output = check_group(p, c, group)        # the CHECKs of base_conv_layer.cpp
-    out = tuple(mps.deconv_output_size(*a) for a in
-                zip(x[axis + 1:], g["kernel"], g["stride"], g["pad"], g["dilation"],
-                    strict=True))
-    params = [(c, num_output // group) + g["kernel"]]
-    if p.get("bias_term", True):
-        params.append((num_output,))
-    return [x[:axis] + (num_output,) + out], params
+    return base_conv_shape(layer, ins, transpose=True)
 
 
 def _multiplier(layer: Layer, w: np.ndarray, k: np.ndarray) -> np.ndarray:

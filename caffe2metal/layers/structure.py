@@ -122,10 +122,15 @@ def _permute(layer, ins):
 
 
 def _crop_offsets(p: dict, ndim: int) -> tuple[int, list[int]]:
-    """crop_layer.cpp: from ``axis`` on, one offset for every axis, one per axis, or 0."""
+    """crop_layer.cpp: from ``axis`` on, one offset for every axis, one per axis, or 0
+    (LayerSetUp's ``CHECK_EQ(start_axis + param.offset_size(), input_dim)`` when more than
+    one is given)."""
     axis = axis_index(p.get("axis", 2), ndim)
     given = p.get("offset", [])
     given = list(given) if isinstance(given, (list, tuple)) else [given]
+    if len(given) > 1 and axis + len(given) != ndim:
+        raise Refused("crop_param.offset", f"{len(given)} offsets for the {ndim - axis} "
+                      f"axes from axis {axis} (give one, or one per axis)")
     return axis, [int(given[0]) if len(given) == 1 else int(given[i - axis]) if given else 0
                   for i in range(axis, ndim)]
 
@@ -175,23 +180,17 @@ def _tile_forward(layer, xs: list) -> list:
 
 @shape_rule("Crop", forward=_crop_forward)
 def _crop(layer, ins):
-    """Caffe's crop_layer.cpp: LayerSetUp ``CHECK_EQ(bottom.size(), 2)``, ``CHECK_EQ(start_axis
-    + param.offset_size(), input_dim)`` when more than one offset is given; Reshape
-    ``CHECK_GE(bottom[0]->shape(i) - crop_offset, bottom[1]->shape(i))`` on every axis from
-    ``axis`` (and ``bottom[1]->shape(i)`` must exist)."""
+    """Caffe's crop_layer.cpp: LayerSetUp ``CHECK_EQ(bottom.size(), 2)``, the offsets' count
+    (``_crop_offsets``); Reshape ``CHECK_GE(bottom[0]->shape(i) - crop_offset,
+    bottom[1]->shape(i))`` on every axis from ``axis`` (and ``bottom[1]->shape(i)`` must
+    exist)."""
     if len(ins) != 2:
         raise Refused("bottom", f"Crop takes 2 bottoms (the data and the size), has {len(ins)}")
     a, b = need(ins)[:2]
-    p = layer.params.get("crop_param", {})
-    axis = axis_index(p.get("axis", 2), len(a))
-    given = p.get("offset", [])
-    given = list(given) if isinstance(given, (list, tuple)) else [given]
-    if len(given) > 1 and axis + len(given) != len(a):
-        raise Refused("crop_param.offset", f"{len(given)} offsets for the {len(a) - axis} "
-                      f"axes from axis {axis} (give one, or one per axis)")
+    axis, offsets = _crop_offsets(layer.params.get("crop_param", {}), len(a))
     if len(b) < len(a):
         raise Refused("bottom", f"the size bottom has {len(b)} axes, the data {len(a)}")
-    for i, off in zip(range(axis, len(a)), _crop_offsets(p, len(a))[1], strict=True):
+    for i, off in zip(range(axis, len(a)), offsets, strict=True):
         if off < 0 or a[i] - off < b[i]:
             raise Refused("crop_param.offset", f"the crop of axis {i} (size {b[i]} at offset "
                           f"{off}) is outside the input's {a[i]}")

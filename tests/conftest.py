@@ -10,7 +10,6 @@ import pytest
 
 from caffe2metal.caffe.caffemodel import write_caffemodel
 from caffe2metal.examples import weights as synth
-from caffe2metal.export.caffe import merged_layers
 from caffe2metal.net.reader import read_model, read_prototxt
 
 # A suite started in the background without job control (`make test &` from a script)
@@ -56,12 +55,8 @@ def with_weights(proto: Path, seed: int = 0, calibrate: bool = True, out: Path |
     """Read ``proto``, give it deterministic weights, write them next to it.
 
     Returns (model, path)."""
-    model = read_prototxt(proto)
-    synth.init_weights(model, seed)
-    if calibrate:
-        synth.calibrate(model, seed, drop=drop)
-    path = out or proto.with_suffix(".caffemodel")
-    write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
+    path = synth.write_synthetic(read_prototxt(proto), out or proto.with_suffix(".caffemodel"),
+                                 seed, calibrate, drop)
     return read_model(proto, path), path
 
 

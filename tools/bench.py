@@ -242,18 +242,13 @@ def mobilenet_source() -> tuple[str, str]:
 
 def write_mobilenet(directory, text: str, name: str = "mobilenet_ssd",
                     seed: int = 0) -> tuple[Path, Path]:
-    from caffe2metal.caffe.caffemodel import write_caffemodel
-    from caffe2metal.examples import weights as synth
-    from caffe2metal.export.caffe import merged_layers
+    from caffe2metal.examples.weights import write_synthetic
     from caffe2metal.net.reader import read_prototxt
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     proto, weights = d / f"{name}.prototxt", d / f"{name}.caffemodel"
     proto.write_text(text, encoding="utf-8")
-    model = read_prototxt(proto)
-    synth.init_weights(model, seed)
-    write_caffemodel(weights, merged_layers(model.graph), net_name=model.graph.name)
-    return proto, weights
+    return proto, write_synthetic(read_prototxt(proto), weights, seed)
 
 
 # ---------------------------------------------------------------- build once

@@ -48,16 +48,10 @@ DROP = {"faceboxes": ("DetectionOutput",)}
 
 
 def _weights(proto: Path, name: str) -> Path:
-    from caffe2metal.caffe.caffemodel import write_caffemodel
-    from caffe2metal.examples import weights as synth
-    from caffe2metal.export.caffe import merged_layers
+    from caffe2metal.examples.weights import write_synthetic
     from caffe2metal.net.reader import read_prototxt
-    model = read_prototxt(proto)
-    synth.init_weights(model, 0)
-    synth.calibrate(model, 0, drop=DROP.get(name, ()))
-    path = proto.with_suffix(".caffemodel")
-    write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
-    return path
+    return write_synthetic(read_prototxt(proto), proto.with_suffix(".caffemodel"), 0, True,
+                           DROP.get(name, ()))
 
 
 def _perturbed(weights: Path, dst: Path) -> Path:

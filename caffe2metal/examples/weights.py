@@ -25,7 +25,7 @@ from ..net.reader import Model
 from ..verification import fork_layers
 from ..verification.opencv import caffemodel_bytes, opencv_net, opencv_text
 
-__all__ = ["calibrate", "init_weights", "random_inputs",
+__all__ = ["calibrate", "init_weights", "random_inputs", "write_synthetic",
            # OpenCV plumbing, at home in caffe2metal.verification.opencv
            "caffemodel_bytes", "opencv_net", "opencv_text"]
 
@@ -242,3 +242,16 @@ def calibrate(model: Model, seed: int = 0, batch: int = 4,
         bn.blobs[0] = (mean * s).astype(np.float32)
         bn.blobs[1] = (var * s).astype(np.float32)
         bn.blobs[2] = np.array([s], np.float32)
+
+
+def write_synthetic(model: Model, path, seed: int = 0, calibrate_in_opencv: bool = False,
+                    drop: tuple[str, ...] = ()):
+    """``init_weights`` (then, ``calibrate_in_opencv``, ``calibrate`` without the types in
+    ``drop``) and write the blobs as a caffemodel at ``path``; returns ``path``."""
+    from ..caffe.caffemodel import write_caffemodel
+    from ..export.caffe import merged_layers
+    init_weights(model, seed)
+    if calibrate_in_opencv:
+        calibrate(model, seed, drop=drop)
+    write_caffemodel(path, merged_layers(model.graph), net_name=model.graph.name)
+    return path
